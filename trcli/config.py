@@ -1,0 +1,286 @@
+"""The one config schema shared by every stage.
+
+Precedence: schema defaults < ``--config recipe.yaml`` < ``TRCLI_<SECTION>__<KEY>`` environment
+variables < command-line flags. Unknown keys and bad values raise :class:`ConfigError`, which the
+CLI turns into one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from trcli.errors import ConfigError
+
+ENV_PREFIX = "TRCLI_"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str | None = Field(None, description="Base model: hub id or local path.")
+    tokenizer: str | None = Field(None, description="Tokenizer path; defaults to the model.")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    quantize: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA (NF4 via bitsandbytes).")
+    lora: bool = Field(True, description="Train LoRA adapters (false = full fine-tuning).")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["all-linear"],
+        description="Module names to adapt, or ['all-linear'].",
+    )
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    source: Literal["jsonl", "json", "csv", "parquet", "hub", "hh", "tldr", "ultrafeedback", "chat"] = "jsonl"
+    input: str | None = Field(None, description="Input file or hub dataset id (prep).")
+    subset: str | None = Field(None, description="Hub config / HH subset, e.g. harmless-base.")
+    split: str | None = None
+    revision: str | None = None
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Canonical field -> source column, e.g. {prompt: q}."
+    )
+    kind: Literal["auto", "paired", "unpaired", "sft"] = Field(
+        "auto", description="Record kind to produce: paired preferences, unpaired (KTO) or SFT."
+    )
+    template: str | None = Field(None, description="Prompt template (tldr), with {subreddit} {title} {post}.")
+    test_size: float = Field(0.0, ge=0, lt=1)
+    seed: int = 42
+    on_error: Literal["fail", "skip"] = "fail"
+    path: str | None = Field(None, description="A prep output directory to train / generate from.")
+    max_length: int = Field(512, ge=8, description="Max prompt+completion tokens.")
+    max_prompt_length: int = Field(256, ge=1)
+    show: int = Field(0, ge=0, description="prep: print N rendered examples (stderr).")
+
+
+class TrainConfig(Section):
+    max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(4, ge=1, description="Examples (pairs) per micro-batch.")
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(5e-5, gt=0)
+    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
+    eval_steps: int = Field(0, ge=0)
+    packing: bool = False
+    resume: bool = False
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    dry_run: bool = Field(False, description="Print the memory plan and exit.")
+    device_memory: str | None = Field(None, description="Device memory for the plan, e.g. 80GB.")
+
+
+class AlignConfig(Section):
+    method: Literal["dpo", "ipo", "kto", "tr-dpo", "tr-ipo", "tr-kto"] = "tr-dpo"
+    update: Literal["soft", "hard", "kl"] = "soft"
+    alpha: float | None = Field(None, description="Mixing weight; soft default 0.6, hard = 1.")
+    tau: int | None = Field(None, description="Optimizer steps between updates; soft 1, hard 512.")
+    kl_target: float | None = Field(None, gt=0, description="update=kl: hard update when KL exceeds it.")
+    beta: float = Field(0.1, gt=0)
+    ref_rank: int | None = Field(None, ge=1, description="Reference adapter rank; default 2x lora_r.")
+    ipo_average: bool = Field(True, description="IPO on per-token-averaged log-ratios (IPO paper).")
+    kto_desirable_weight: float = Field(1.0, gt=0)
+    kto_undesirable_weight: float = Field(1.0, gt=0)
+
+    @property
+    def trust_region(self) -> bool:
+        return self.method.startswith("tr-")
+
+    @property
+    def loss(self) -> str:
+        return self.method.removeprefix("tr-")
+
+    @model_validator(mode="after")
+    def _check_update(self) -> "AlignConfig":
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ValueError("align.alpha must be within [0, 1]")
+        if self.tau is not None and self.tau < 1:
+            raise ValueError("align.tau must be >= 1")
+        if self.update == "hard" and self.alpha is not None and self.alpha != 1.0:
+            raise ValueError("align.update=hard copies the policy (alpha = 1); drop --alpha or use --update soft")
+        if self.update == "kl" and self.trust_region and self.kl_target is None:
+            raise ValueError("align.update=kl needs align.kl_target (--kl-target)")
+        return self
+
+    def resolved_alpha(self) -> float:
+        if self.update in ("hard", "kl"):
+            return 1.0
+        return 0.6 if self.alpha is None else self.alpha
+
+    def resolved_tau(self) -> int:
+        if self.tau is not None:
+            return self.tau
+        return 1 if self.update == "soft" else 512
+
+
+class GenerateConfig(Section):
+    prompts: str | None = Field(None, description="A prep output dir or a JSONL of {id?, prompt}.")
+    split: str = "test"
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+    num_samples: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 42
+    limit: int | None = Field(None, ge=1, description="Only the first N prompts.")
+    score_with: str | None = Field(None, description="Run dir or model to score completions against.")
+
+
+class JudgeConfig(Section):
+    judge: str = Field("gpt-4", description="Model name on an OpenAI-compatible endpoint, rm:PATH or hf:PATH.")
+    candidate: str | None = None
+    baseline: str | None = None
+    base_url: str = "https://api.openai.com/v1"
+    api_key_env: str = "OPENAI_API_KEY"
+    task: Literal["hh", "tldr", "generic"] = "generic"
+    protocol: Literal["pairwise", "hc"] = "pairwise"
+    swap: bool = False
+    unparseable: Literal["exclude", "tie", "loss"] = "exclude"
+    concurrency: int = Field(4, ge=1)
+    timeout: float = Field(60.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(256, ge=1)
+    max_cost_usd: float | None = Field(None, ge=0)
+    dry_run: bool = False
+    min_win_rate: float | None = Field(None, ge=0, le=1)
+    cache_dir: str | None = Field(None, description="Default: ~/.cache/trcli/judge.")
+    seed: int = 42
+    bootstrap: int = Field(1000, ge=0)
+
+
+class Config(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    align: AlignConfig = Field(default_factory=AlignConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    output: str | None = Field(None, description="Run directory (or file, for generate) to write.")
+    from_run: str | None = Field(None, description="A previous stage's run directory.")
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, origin: str) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{origin}: '{key}' is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def _env_layers(environ: dict[str, str]) -> list[tuple[str, dict]]:
+    """TRCLI_ALIGN__BETA=0.2 -> {'align': {'beta': 0.2}} (values parsed as YAML scalars),
+    one layer per variable so that an error names the variable."""
+    layers = []
+    for name in sorted(environ):
+        if not name.startswith(ENV_PREFIX) or name in ("TRCLI_DEBUG",):
+            continue
+        raw = environ[name]
+        dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        tree: dict = {}
+        origin = f"environment variable {name}"
+        _set_dotted(tree, dotted, value, origin)
+        layers.append((origin, tree))
+    return layers
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(err: ValidationError, origin: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        section = ".".join(str(p) for p in first["loc"][:-1])
+        allowed = _allowed_keys(section)
+        return f"{origin}: unknown key '{key}' (allowed: {', '.join(allowed)})"
+    msg = first["msg"].removeprefix("Value error, ")
+    return f"{origin}: bad value for '{key}': {msg}"
+
+
+def _allowed_keys(section: str) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in [p for p in section.split(".") if p]:
+        field = model.model_fields.get(part)
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return sorted(model.model_fields)
+        model = field.annotation
+    return sorted(model.model_fields)
+
+
+def read_recipe(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f"{path}:{line + 1}" if line is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections")
+    return data
+
+
+def load(recipe: str | Path | None = None, flags: dict[str, Any] | None = None,
+         environ: dict[str, str] | None = None) -> Config:
+    """Resolve the config: defaults < recipe < TRCLI_* environment < flags (dotted keys)."""
+    layers: list[tuple[str, dict]] = []
+    if recipe is not None:
+        layers.append((str(recipe), read_recipe(recipe)))
+    layers.extend(_env_layers(dict(os.environ if environ is None else environ)))
+    flag_tree: dict = {}
+    for dotted, value in (flags or {}).items():
+        if value is not None:
+            _set_dotted(flag_tree, dotted, value, "flags")
+    layers.append(("flags", flag_tree))
+
+    merged: dict = {}
+    for origin, tree in layers:
+        merged = _merge(merged, tree)
+        # Validate each layer as it is added, so an error names where the bad key came from.
+        try:
+            Config.model_validate(merged)
+        except ValidationError as err:
+            raise ConfigError(_describe(err, origin)) from None
+    return Config.model_validate(merged)
+
+
+def dump(config: Config) -> dict:
+    return json.loads(config.model_dump_json())
+
+
+def schema() -> dict:
+    return Config.model_json_schema()

@@ -1,0 +1,1 @@
+"""Datasets: readers for input files, one converter per source, canonical records."""

@@ -1,0 +1,74 @@
+"""Canonical records, the one format every stage after `prep` reads.
+
+    paired    {id, prompt, chosen, rejected}          DPO / IPO (and KTO, split in two)
+    unpaired  {id, prompt, completion, label: bool}   KTO
+    sft       {id, prompt, completion}                SFT
+
+`prep` saves them as a ``datasets.DatasetDict`` at ``RUN/data``; the kind follows from the columns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trcli.errors import DataError
+
+FIELDS = {
+    "paired": ("prompt", "chosen", "rejected"),
+    "unpaired": ("prompt", "completion", "label"),
+    "sft": ("prompt", "completion"),
+}
+
+
+def kind_of(columns) -> str:
+    columns = set(columns)
+    for kind in ("paired", "unpaired", "sft"):
+        if set(FIELDS[kind]) <= columns:
+            return kind
+    raise DataError(f"dataset columns {sorted(columns)} match no record kind "
+                    f"(need one of {', '.join('/'.join(f) for f in FIELDS.values())})")
+
+
+def load_prepped(path: str | Path):
+    """Load a `prep` output: the run directory or its ``data`` subdirectory."""
+    from datasets import DatasetDict, load_from_disk
+
+    path = Path(path)
+    if (path / "data").is_dir():
+        path = path / "data"
+    if not path.is_dir():
+        raise DataError(f"{path}: no prepared dataset here (run `trcli prep` first)")
+    try:
+        data = load_from_disk(str(path))
+    except Exception as exc:  # datasets raises several types for a wrong directory
+        raise DataError(f"{path}: not a saved dataset ({exc.__class__.__name__})") from None
+    if not isinstance(data, DatasetDict):
+        data = DatasetDict({"train": data})
+    return data
+
+
+def paired_to_unpaired(rows: list[dict]) -> list[dict]:
+    """Each pair becomes one desirable and one undesirable example (KTO on paired data)."""
+    out = []
+    for row in rows:
+        out.append({"id": f"{row['id']}:chosen", "prompt": row["prompt"], "completion": row["chosen"], "label": True})
+        out.append({"id": f"{row['id']}:rejected", "prompt": row["prompt"], "completion": row["rejected"], "label": False})
+    return out
+
+
+def paired_to_sft(rows: list[dict]) -> list[dict]:
+    """SFT on the preferred responses, as the paper's SFT stage does."""
+    return [{"id": row["id"], "prompt": row["prompt"], "completion": row["chosen"]} for row in rows]
+
+
+def as_kind(dataset, kind: str) -> list[dict]:
+    """Rows of a prepared split as ``kind`` records, converting paired data when needed."""
+    have = kind_of(dataset.column_names)
+    rows = dataset.to_list()
+    if have == kind:
+        return rows
+    if have == "paired" and kind == "unpaired":
+        return paired_to_unpaired(rows)
+    if have == "paired" and kind == "sft":
+        return paired_to_sft(rows)
+    raise DataError(f"this stage needs {kind} records but the dataset holds {have} records")

@@ -1,0 +1,21 @@
+"""Known errors: the CLI prints their one-line message and exits with their code."""
+
+
+class TrcliError(Exception):
+    exit_code = 1
+
+
+class UsageError(TrcliError):
+    """Bad flags, config, input data or paths: exit 2."""
+
+    exit_code = 2
+
+
+ConfigError = UsageError
+DataError = UsageError
+
+
+class GateError(TrcliError):
+    """A quality gate was not met (e.g. judge --min-win-rate): exit 3."""
+
+    exit_code = 3

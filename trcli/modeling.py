@@ -1,0 +1,191 @@
+"""Load the base model (full precision or 4-bit) and attach the policy and reference adapters.
+
+LoRA / QLoRA: one frozen base, a trainable ``policy`` adapter and a frozen fp32 ``reference``
+adapter on the same layers. The reference forward is a context (:func:`using_adapter`), not a
+second model. Full fine-tuning keeps the reference as a frozen fp32 copy.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from trcli.config import Config, ModelConfig
+from trcli.errors import UsageError
+from trcli.trust_region import POLICY, REFERENCE, update_lora_reference
+
+INIT = "init"  # a frozen copy of the starting reference, for kl/init in TR runs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"train.device={name} but no CUDA device is available")
+    return torch.device(name)
+
+
+def _hub_error(name: str, exc: Exception) -> UsageError:
+    local = Path(name).exists()
+    hint = "" if local else " (not a local path; is the hub reachable? set HF_HUB_OFFLINE=1 and use a local copy)"
+    return UsageError(f"cannot load model '{name}': {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}{hint}")
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+    except Exception as exc:  # OSError offline, ValueError for a wrong directory
+        raise _hub_error(name, exc) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base(model_cfg: ModelConfig, device: torch.device, path: str | None = None, task: str = "causal"):
+    """The base model, frozen or not as the caller decides; 4-bit NF4 when quantize=4bit."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name = path or model_cfg.name_or_path
+    if not name:
+        raise UsageError("no base model: pass --model (hub id or local path) or --from a run")
+    kwargs: dict = {"dtype": _DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}
+    if model_cfg.quantize == "4bit":
+        from transformers import BitsAndBytesConfig
+
+        compute = _DTYPES[model_cfg.dtype] if device.type == "cuda" else torch.float32
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    cls = AutoModelForSequenceClassification if task == "reward" else AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(name, **kwargs)
+    except Exception as exc:
+        raise _hub_error(name, exc) from None
+    if model_cfg.quantize != "4bit":
+        model.to(device)
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    return model
+
+
+def lora_config(model_cfg: ModelConfig, rank: int | None = None, alpha: float | None = None):
+    from peft import LoraConfig
+
+    targets = model_cfg.lora_targets
+    return LoraConfig(
+        r=rank or model_cfg.lora_r,
+        lora_alpha=alpha or model_cfg.lora_alpha,
+        lora_dropout=model_cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_policy(base, model_cfg: ModelConfig, start_adapter: str | None):
+    """The trainable ``policy`` adapter: a copy of ``start_adapter`` (an SFT run's) or fresh LoRA."""
+    from peft import PeftModel, get_peft_model
+
+    if start_adapter:
+        return PeftModel.from_pretrained(base, start_adapter, adapter_name=POLICY, is_trainable=True)
+    return get_peft_model(base, lora_config(model_cfg), adapter_name=POLICY)
+
+
+def add_frozen_adapter(model, name: str, model_cfg: ModelConfig, rank: int) -> None:
+    """A frozen fp32 adapter on the policy's layers, set equal to the policy (exact copy)."""
+    policy_cfg = model.peft_config[POLICY]
+    cfg = copy.deepcopy(policy_cfg)
+    cfg.r, cfg.lora_alpha, cfg.inference_mode = rank, rank, True  # scaling 1: ΔW = B·A
+    model.add_adapter(name, cfg)
+    for module_name, param in model.named_parameters():
+        if f".{name}." in module_name:
+            param.requires_grad_(False)
+            param.data = param.data.float()
+    if name == REFERENCE:
+        update_lora_reference(model, 1.0)
+    else:
+        _copy_adapter(model, POLICY, name)
+
+
+@torch.no_grad()
+def _copy_adapter(model, src: str, dst: str) -> None:
+    for module in model.modules():
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is not None and src in lora_a and dst in lora_a:
+            r = lora_a[src].weight.shape[0]
+            module.lora_A[dst].weight.zero_()
+            module.lora_B[dst].weight.zero_()
+            module.lora_A[dst].weight[:r].copy_(lora_a[src].weight)
+            module.lora_B[dst].weight[:, :r].copy_(
+                module.lora_B[src].weight * (module.scaling[src] / module.scaling[dst]))
+
+
+@contextmanager
+def using_adapter(model, name: str | None):
+    """Run the wrapped forward with adapter ``name`` active (None = the bare base) without
+    touching requires_grad, unlike peft's set_adapter; eval mode so dropout is off."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    was_training = model.training
+    try:
+        for m in layers:
+            if name is None:
+                m._disable_adapters = True
+            else:
+                m._active_adapter = [name]
+        model.eval()
+        yield model
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+        model.train(was_training)
+
+
+def build_for_training(cfg: Config, device: torch.device, start: dict, reference: bool, ref_rank: int | None = None,
+                       keep_init: bool = False):
+    """Model (and, for full fine-tuning, a separate frozen reference) ready for a training stage.
+
+    ``start`` is what the upstream run handed over: ``adapter`` (LoRA SFT) or ``weights`` (full).
+    Returns (model, reference_model_or_None); in LoRA mode the reference is an adapter of model.
+    """
+    if start.get("weights") and not cfg.model.lora:
+        base = load_base(cfg.model, device, path=start["weights"])
+    else:
+        base = load_base(cfg.model, device, path=start.get("weights"))
+    if not cfg.model.lora:
+        if cfg.model.quantize == "4bit":
+            raise UsageError("model.quantize=4bit needs LoRA (QLoRA); drop --no-lora")
+        frozen = None
+        if reference:
+            frozen = copy.deepcopy(base).float().eval().requires_grad_(False)
+        return base, frozen
+    if cfg.model.quantize == "4bit":
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=cfg.model.gradient_checkpointing)
+    model = attach_policy(base, cfg.model, start.get("adapter"))
+    for name, param in model.named_parameters():
+        param.requires_grad_(f".{POLICY}." in name)
+    if reference:
+        policy_rank = model.peft_config[POLICY].r
+        add_frozen_adapter(model, REFERENCE, cfg.model, ref_rank or policy_rank)
+        if keep_init:
+            add_frozen_adapter(model, INIT, cfg.model, policy_rank)
+    model.base_model.set_adapter(POLICY)  # re-freeze: only the policy trains
+    for name, param in model.named_parameters():
+        param.requires_grad_(f".{POLICY}." in name)
+    return model, None
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
