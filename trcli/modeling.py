@@ -158,10 +158,7 @@ def build_for_training(cfg: Config, device: torch.device, start: dict, reference
     ``start`` is what the upstream run handed over: ``adapter`` (LoRA SFT) or ``weights`` (full).
     Returns (model, reference_model_or_None); in LoRA mode the reference is an adapter of model.
     """
-    if start.get("weights") and not cfg.model.lora:
-        base = load_base(cfg.model, device, path=start["weights"])
-    else:
-        base = load_base(cfg.model, device, path=start.get("weights"))
+    base = load_base(cfg.model, device, path=start.get("weights"))
     if not cfg.model.lora:
         if cfg.model.quantize == "4bit":
             raise UsageError("model.quantize=4bit needs LoRA (QLoRA); drop --no-lora")

@@ -150,3 +150,20 @@ def upstream(run_dir: str | Path) -> dict:
     out["status"] = manifest.get("status")
     out["config"] = cfg
     return out
+
+
+def inherit(cfg: Config) -> dict:
+    """Fill the model, tokenizer and data path that ``--from`` hands over (flags win) and return
+    what the upstream run produced (its ``adapter`` / ``weights`` / ``policy`` ...)."""
+    if not cfg.from_run:
+        return {}
+    up = upstream(cfg.from_run)
+    if up["status"] != "completed":
+        raise UsageError(f"{cfg.from_run}: that {up['stage']} run did not complete (status {up['status']})")
+    if cfg.model.name_or_path is None:
+        cfg.model.name_or_path = up.get("model")
+    if cfg.model.tokenizer is None:
+        cfg.model.tokenizer = up.get("tokenizer")
+    if cfg.data.path is None and up.get("data"):
+        cfg.data.path = up["data"]
+    return up

@@ -1,0 +1,190 @@
+"""align: DPO / IPO / KTO and their Trust Region versions (TR-DPO / TR-IPO / TR-KTO).
+
+Reads top to bottom: inputs from --from / --data, the model with its policy and reference,
+the loss of one micro-batch, the reference update after each optimizer step, the loop, outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from trcli import losses
+from trcli.batching import collate, encode, sequence_logps
+from trcli.config import Config
+from trcli.data.records import as_kind, load_prepped
+from trcli.errors import UsageError
+from trcli.memory import plan_or_none
+from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device, trainable_parameters, using_adapter
+from trcli.runs import Run, inherit
+from trcli.training import Hooks, fit, load_weights, save_weights, shuffled_batches
+from trcli.trust_region import POLICY, REFERENCE, Schedule, update_full_reference, update_lora_reference
+
+
+def _start_rank(cfg: Config, adapter: str | None) -> int:
+    if adapter and (Path(adapter) / "adapter_config.json").is_file():
+        return json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+    return cfg.model.lora_r
+
+
+def run(cfg: Config) -> dict:
+    # Inputs: an SFT run hands over its base model, data and adapter (or full weights).
+    up = inherit(cfg)
+    if (plan := plan_or_none(cfg, "align")) is not None:
+        return plan
+    if not cfg.output:
+        raise UsageError("align needs --output DIR")
+    if not cfg.data.path:
+        raise UsageError("align needs data: --data PREP_DIR or --from a run that had data")
+    align, kto = cfg.align, cfg.align.loss == "kto"
+    if kto and cfg.train.batch_size < 2:
+        raise UsageError("KTO estimates its KL baseline from mismatched pairs in a batch: "
+                         "--batch-size must be >= 2")
+    schedule = Schedule.from_config(align)
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+
+    # Data: pairs for DPO / IPO; single labelled completions for KTO (pairs are split in two).
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    rows = as_kind(load_prepped(cfg.data.path)["train"], "unpaired" if kto else "paired")
+    if kto and len(rows) < 2:
+        raise UsageError(f"{cfg.data.path}: KTO needs at least 2 training examples")
+    enc = lambda prompt, completion: encode(tokenizer, prompt, completion, cfg.data.max_length,
+                                             cfg.data.max_prompt_length)
+    if kto:
+        items = [(enc(r["prompt"], r["completion"]), bool(r["label"])) for r in rows]
+    else:
+        items = [(enc(r["prompt"], r["chosen"]), enc(r["prompt"], r["rejected"])) for r in rows]
+
+    # Model: one base; policy and reference are adapters on it (LoRA / QLoRA), or a frozen
+    # fp32 copy for full fine-tuning. Both start from the SFT adapter when there is one.
+    start = {"adapter": up.get("adapter"), "weights": up.get("weights")}
+    policy_rank = _start_rank(cfg, start["adapter"])
+    ref_rank = align.ref_rank or (2 * policy_rank if schedule.mode == "soft" else policy_rank)
+    run_dir = Run("align", cfg.output, cfg)
+    run_dir.add_input("data", cfg.data.path)
+    run_dir.add_input("start", start["adapter"] or start["weights"])
+    model, frozen = build_for_training(cfg, device, start, reference=True, ref_rank=ref_rank,
+                                       keep_init=schedule.mode != "none")
+    initial = None
+    if frozen is not None and schedule.mode != "none":
+        import copy
+
+        initial = copy.deepcopy(frozen)
+    pad = tokenizer.pad_token_id
+
+    @torch.no_grad()
+    def reference_logps(batch, which: str = REFERENCE):
+        if frozen is not None:
+            return sequence_logps(frozen if which == REFERENCE else initial, batch)
+        with using_adapter(model, which):
+            return sequence_logps(model, batch)
+
+    def pair_step(pairs, logging):
+        # One forward over [chosen..., rejected...]; the reference pass first, without a graph.
+        batch = collate([(c.prompt, c.completion) for c, _ in pairs] + [(r.prompt, r.completion) for _, r in pairs],
+                        pad, device)
+        ref, _ = reference_logps(batch)
+        pol, length = sequence_logps(model, batch)
+        if align.loss == "ipo" and align.ipo_average:
+            pol, ref = pol / length, ref / length
+        n = len(pairs)
+        fn = losses.dpo_loss if align.loss == "dpo" else losses.ipo_loss
+        per_pair, chosen_r, rejected_r = fn(pol[:n], pol[n:], ref[:n], ref[n:], align.beta)
+        metrics = {
+            "loss": per_pair.mean().item(), "tokens": batch["tokens"],
+            "rewards/chosen": chosen_r.mean().item(), "rewards/rejected": rejected_r.mean().item(),
+            "rewards/margins": (chosen_r - rejected_r).mean().item(),
+            "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+            "logps/chosen": pol[:n].mean().item(), "logps/rejected": pol[n:].mean().item(),
+        }
+        metrics.update(_kl_metrics(pol, ref, batch, logging, length))
+        return per_pair.mean(), metrics
+
+    def kto_step(examples, logging):
+        # Matched (x_i, y_i) rows, then mismatched (x_i, y_{i-1}) rows for the KL baseline z.
+        n = len(examples)
+        matched = [(e.prompt, e.completion) for e, _ in examples]
+        mismatched = [(examples[i][0].prompt, examples[i - 1][0].completion) for i in range(n)]
+        batch = collate(matched + mismatched, pad, device)
+        ref, _ = reference_logps(batch)
+        pol, length = sequence_logps(model, collate(matched, pad, device))
+        with torch.no_grad():
+            pol_mismatched, _ = sequence_logps(model, collate(mismatched, pad, device))
+        z = losses.kto_kl_baseline(pol_mismatched, ref[n:])
+        labels = torch.tensor([label for _, label in examples], device=device)
+        per_example, good_r, bad_r = losses.kto_loss(
+            pol, ref[:n], labels, z, align.beta, align.kto_desirable_weight, align.kto_undesirable_weight)
+        reward = align.beta * (pol - ref[:n]).detach()
+        nan = float("nan")
+        metrics = {
+            "loss": per_example.mean().item(), "tokens": batch["tokens"], "kl/z": z.item(),
+            "rewards/chosen": good_r.mean().item() if good_r.numel() else nan,
+            "rewards/rejected": bad_r.mean().item() if bad_r.numel() else nan,
+            "rewards/accuracies": ((reward > 0) == labels).float().mean().item(),
+            "logps/chosen": pol[labels].mean().item() if good_r.numel() else nan,
+            "logps/rejected": pol[~labels].mean().item() if bad_r.numel() else nan,
+        }
+        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+        metrics.update(_kl_metrics(pol, ref[:n], collate(matched, pad, device), logging, length))
+        return per_example.mean(), metrics
+
+    def _kl_metrics(pol, ref, batch, logging, length):
+        # Sequence-level log-ratio on the training completions: a cheap, off-policy estimate of
+        # KL(π‖π_ref) that drives --update kl. kl/init needs one more reference pass, so only
+        # on logging steps, and only when the reference has moved away from the start.
+        out = {"kl/ref": (pol - ref).detach().mean().item()}
+        if logging:
+            if schedule.mode == "none":
+                out["kl/init"] = out["kl/ref"]
+            else:
+                init, _ = reference_logps(batch, INIT)
+                if align.loss == "ipo" and align.ipo_average:
+                    init = init / length
+                out["kl/init"] = (pol.detach() - init).mean().item()
+        return out
+
+    # The Trust Region update, after each optimizer step (τ counts optimizer steps).
+    truncation = {"last": 0.0}
+
+    def after_step(step: int, metrics: dict) -> dict:
+        if schedule.due(step, metrics.get("kl/ref")):
+            if frozen is not None:
+                truncation["last"] = update_full_reference(model, frozen, schedule.alpha)
+            else:
+                truncation["last"] = update_lora_reference(model, schedule.alpha)
+            schedule.applied()
+            if truncation["last"] > 0.05:
+                print(f"warning: step {step}: reference rank truncation discarded {truncation['last']:.1%} "
+                      "of the mixture's energy; raise --ref-rank", file=sys.stderr)
+        return {"ref_updates": schedule.updates, "ref_truncation": truncation["last"]}
+
+    if frozen is None:
+        parts = {"policy": (model, POLICY), "reference": (model, REFERENCE)}
+    else:
+        parts = {"policy": (model, None), "reference": (frozen, None)}
+    hooks = Hooks(
+        step_fn=kto_step if kto else pair_step,
+        epoch_batches=lambda epoch: shuffled_batches(items, cfg.train.batch_size, cfg.train.seed + epoch,
+                                                     min_size=2 if kto else 1),
+        save=lambda d: save_weights(d, parts),
+        load=lambda d: load_weights(d, parts),
+        after_step=after_step,
+        extra_state=lambda: {"schedule": schedule.state_dict(), "truncation": truncation["last"]},
+        load_extra_state=lambda s: (schedule.load_state_dict(s["schedule"]), truncation.update(last=s["truncation"])),
+    )
+    final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks)
+
+    # Outputs: DIR/policy and DIR/reference (PEFT adapter folders, or full weights).
+    save_weights(run_dir.dir, parts)
+    for folder in parts:
+        tokenizer.save_pretrained(str(run_dir.dir / folder))
+    handover = {"adapter": "policy"} if frozen is None else {"weights": "policy"}
+    run_dir.finish(policy="policy", reference="reference", **handover, model=cfg.model.name_or_path,
+                   tokenizer=cfg.model.tokenizer, data=os.path.abspath(cfg.data.path),
+                   metrics="metrics.jsonl", final=final)
+    return {"stage": "align", "method": align.method, "output": str(run_dir.dir), **final}

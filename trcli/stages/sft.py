@@ -1,0 +1,82 @@
+"""sft: supervised fine-tuning on prompt -> completion, loss on completion tokens only.
+
+Its adapter (or full weights) is what `align --from` starts the policy and the reference from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from trcli.batching import collate, encode, token_logps
+from trcli.config import Config
+from trcli.data.records import as_kind, load_prepped
+from trcli.errors import UsageError
+from trcli.modeling import build_for_training, load_tokenizer, pick_device, trainable_parameters
+from trcli.runs import Run, inherit
+from trcli.trust_region import POLICY
+from trcli.memory import plan_or_none
+from trcli.training import Hooks, fit, load_weights, save_weights, shuffled_batches
+
+
+def run(cfg: Config) -> dict:
+    inherit(cfg)
+    if (plan := plan_or_none(cfg, "sft")) is not None:
+        return plan
+    if not cfg.output:
+        raise UsageError("sft needs --output DIR")
+    if not cfg.data.path:
+        raise UsageError("sft needs data: --data PREP_DIR or --from a prep run")
+    device = pick_device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
+    data = load_prepped(cfg.data.path)
+    enc = lambda rows: [encode(tokenizer, r["prompt"], r["completion"], cfg.data.max_length,
+                               cfg.data.max_prompt_length) for r in rows]
+    train_rows = enc(as_kind(data["train"], "sft"))
+    test_rows = enc(as_kind(data["test"], "sft")) if "test" in data else []
+
+    run_dir = Run("sft", cfg.output, cfg)
+    run_dir.add_input("data", cfg.data.path)
+    model, _ = build_for_training(cfg, device, start={}, reference=False)
+    name = "adapter" if cfg.model.lora else "weights"
+    parts = {name: (model, POLICY if cfg.model.lora else None)}
+    pad = tokenizer.pad_token_id
+
+    def nll(items) -> tuple[torch.Tensor, int]:
+        batch = collate([(e.prompt, e.completion) for e in items], pad, device)
+        logps, mask = token_logps(model, batch)
+        return -logps.sum() / mask.sum(), batch["tokens"]
+
+    def step_fn(items, logging):
+        loss, tokens = nll(items)
+        return loss, {"loss": loss.item(), "tokens": tokens}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        if not test_rows:
+            return {}
+        was = model.training
+        model.eval()
+        bs = cfg.train.batch_size
+        losses = [nll(test_rows[i:i + bs])[0].item() for i in range(0, len(test_rows), bs)]
+        model.train(was)
+        return {"eval/loss": sum(losses) / len(losses)}
+
+    hooks = Hooks(
+        step_fn=step_fn,
+        epoch_batches=lambda epoch: shuffled_batches(train_rows, cfg.train.batch_size, cfg.train.seed + epoch),
+        save=lambda d: save_weights(d, parts),
+        load=lambda d: load_weights(d, parts),
+        evaluate=evaluate if test_rows else None,
+    )
+    final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks)
+    if test_rows:
+        final.update(evaluate())
+    save_weights(run_dir.dir, parts)
+    tokenizer.save_pretrained(str(run_dir.dir / name))
+    run_dir.finish(**{name: name}, model=cfg.model.name_or_path, tokenizer=cfg.model.tokenizer,
+                   data=os.path.abspath(cfg.data.path), metrics="metrics.jsonl", final=final)
+    return {"stage": "sft", "output": str(run_dir.dir), name: str(Path(run_dir.dir) / name), **final}

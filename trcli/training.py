@@ -1,0 +1,243 @@
+"""The optimizer loop shared by `sft` and `align`: accumulation, clipping, schedule, logging,
+checkpoints and exact resume. The stage supplies the loss (``step_fn``) and what to save.
+
+A checkpoint ``checkpoint-N/`` holds the stage's weights (written by ``save``) and
+``trainer_state.pt``: optimizer, scheduler, RNG, step and the stage's own state (``extra``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trcli.config import Config
+from trcli.errors import TrcliError
+from trcli.runs import atomic_path
+
+STATE = "trainer_state.pt"
+
+
+@dataclass
+class Hooks:
+    """What a stage plugs into :func:`fit`."""
+
+    step_fn: Callable[[Any, bool], tuple[torch.Tensor, dict]]  # (micro-batch, logging step?) -> loss, metrics
+    epoch_batches: Callable[[int], list]                        # the micro-batches of epoch e, in order
+    save: Callable[[Path], None]                                # write weights into a directory
+    load: Callable[[Path], None]                                # read them back (resume)
+    after_step: Callable[[int, dict], dict] = lambda step, metrics: {}  # e.g. the reference update
+    extra_state: Callable[[], dict] = dict
+    load_extra_state: Callable[[dict], None] = lambda state: None
+    evaluate: Callable[[], dict] | None = None
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE).is_file()]
+    return max(found)[1] if found else None
+
+
+def total_steps(cfg: Config, micro_per_epoch: int) -> int:
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    return max(1, int(cfg.train.epochs * micro_per_epoch) // cfg.train.grad_accum)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class _Sinks:
+    """metrics.jsonl plus optional TensorBoard / W&B, whichever are installed."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume_step: int):
+        self.path = run_dir / "metrics.jsonl"
+        # On resume, drop lines logged after the checkpoint: they will be logged again.
+        kept = []
+        if resume_step and self.path.exists():
+            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
+        self.path.write_text("".join(l + "\n" for l in kept))
+        self.writers = []
+        for name in cfg.train.report_to:
+            try:
+                if name == "tensorboard":
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    tb = SummaryWriter(str(run_dir / "tensorboard"))
+                    self.writers.append(lambda row, tb=tb: [tb.add_scalar(k, v, row["step"]) for k, v in row.items()
+                                                           if isinstance(v, (int, float)) and k != "step"])
+                else:
+                    import wandb
+
+                    wandb.init(project="trcli", dir=str(run_dir), config=cfg.model_dump(), resume="allow")
+                    self.writers.append(lambda row: wandb.log(row, step=row["step"]))
+            except ImportError:
+                _log(f"warning: --report-to {name}: package not installed, skipping")
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+        for writer in self.writers:
+            writer(row)
+
+
+def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.nn.Parameter], hooks: Hooks) -> dict:
+    """Train for the configured number of optimizer steps; return the last logged metrics."""
+    from transformers import get_scheduler
+
+    train = cfg.train
+    micro_per_epoch = len(hooks.epoch_batches(0))
+    if micro_per_epoch == 0:
+        raise TrcliError("no training batches")
+    steps = total_steps(cfg, micro_per_epoch)
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
+                              num_training_steps=steps)
+    start = 0
+    checkpoint = latest_checkpoint(run_dir) if train.resume else None
+    if train.resume and checkpoint is None:
+        _log(f"resume: no checkpoint in {run_dir}, starting from step 0")
+    if checkpoint is not None:
+        state = torch.load(checkpoint / STATE, weights_only=False)
+        hooks.load(checkpoint)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        hooks.load_extra_state(state["extra"])
+        start = state["step"]
+        _log(f"resumed from {checkpoint} (step {start} of {steps})")
+    sinks = _Sinks(cfg, run_dir, start)
+
+    def save_checkpoint(step: int) -> Path:
+        target = run_dir / f"checkpoint-{step}"
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            hooks.save(tmp)
+            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                        "extra": hooks.extra_state()}, tmp / STATE)
+        return target
+
+    epoch_cache: dict[int, list] = {}
+
+    def micro_batch(index: int):
+        epoch, within = divmod(index, micro_per_epoch)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = hooks.epoch_batches(epoch)
+        return epoch_cache[epoch][within]
+
+    progress = _progress(steps, start)
+    window: dict[str, list[float]] = {}
+    window_tokens, window_start = 0, time.perf_counter()
+    last: dict = {}
+    model.train()
+    for step in range(start + 1, steps + 1):
+        logging = step % train.logging_steps == 0 or step == steps
+        for micro in range(train.grad_accum):
+            batch = micro_batch((step - 1) * train.grad_accum + micro)
+            loss, metrics = hooks.step_fn(batch, logging)
+            if not torch.isfinite(loss):
+                kept = latest_checkpoint(run_dir)
+                raise TrcliError(f"loss is {loss.item()} at step {step}; stopped "
+                                 f"(last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
+            (loss / train.grad_accum).backward()
+            window_tokens += metrics.pop("tokens", 0)
+            for key, value in metrics.items():
+                window.setdefault(key, []).append(float(value))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+        window.setdefault("grad_norm", []).append(float(grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        extra = hooks.after_step(step, {k: v[-1] for k, v in window.items()})
+        if hooks.evaluate is not None and train.eval_steps and step % train.eval_steps == 0:
+            extra.update(hooks.evaluate())
+        if logging:
+            elapsed = time.perf_counter() - window_start
+            row = {"step": step, "epoch": round((step * train.grad_accum) / micro_per_epoch, 4), "lr": lr}
+            row.update({k: sum(v) / len(v) for k, v in window.items() if v})
+            row.update(extra)
+            row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+            sinks.write(row)
+            last = row
+            window, window_tokens, window_start = {}, 0, time.perf_counter()
+            if progress is None:
+                _log(f"step {step}/{steps} loss {row.get('loss', float('nan')):.4f} "
+                     f"grad_norm {row['grad_norm']:.3f} lr {lr:.2e}")
+        elif extra:
+            last.update(extra)
+        if progress is not None:
+            progress[0].update(progress[1], advance=1)
+        if train.save_steps and step % train.save_steps == 0 and step != steps:
+            save_checkpoint(step)
+    if progress is not None:
+        progress[0].stop()
+    save_checkpoint(steps)
+    last["steps"] = steps
+    return last
+
+
+def _progress(steps: int, start: int):
+    if not sys.stderr.isatty():
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task("training", total=steps, completed=start)
+    bar.start()
+    return bar, task
+
+
+def shuffled_batches(items: list, batch_size: int, seed: int, min_size: int = 1) -> list[list]:
+    """One epoch of micro-batches in a seeded order (independent of the global RNG, so a resumed
+    run sees the same batches). A last batch smaller than ``min_size`` joins the one before."""
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    batches = [[items[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < min_size:
+        batches[-2].extend(batches.pop())
+    return batches
+
+
+def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | None]]) -> None:
+    """Write each part into ``directory/<folder>``: a standard PEFT adapter folder when an adapter
+    name is given (``PeftModel.from_pretrained`` loads it), else full HF weights."""
+    import shutil
+
+    for folder, (model, adapter) in parts.items():
+        target = Path(directory) / folder
+        if adapter is None:
+            model.save_pretrained(str(target))
+            continue
+        staging = Path(directory) / f".{folder}.staging"
+        model.save_pretrained(str(staging), selected_adapters=[adapter])
+        shutil.rmtree(target, ignore_errors=True)
+        (staging / adapter).rename(target)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+@torch.no_grad()
+def load_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | None]]) -> None:
+    """Inverse of :func:`save_weights`, in place."""
+    for folder, (model, adapter) in parts.items():
+        source = Path(directory) / folder
+        if adapter is None:
+            loaded = type(model).from_pretrained(str(source), dtype=next(model.parameters()).dtype)
+            model.load_state_dict(loaded.state_dict())
+            continue
+        from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_peft_weights(str(source)), adapter_name=adapter)
