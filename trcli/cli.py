@@ -36,12 +36,33 @@ FromOpt = typer.Option(None, "--from", help="A previous stage's run directory.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars and advisory warnings stay off stderr unless TRCLI_DEBUG is set;
+    our own progress shows when stderr is a terminal."""
+    if os.environ.get("TRCLI_DEBUG"):
+        return
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _execute(stage: str, recipe: Optional[Path], flags: dict[str, Any], as_json: bool) -> Any:
     """Resolve the config, run the stage, print the result; known errors become exit codes."""
     import importlib
 
     try:
         cfg = config_mod.load(recipe, flags)
+        _quiet_libraries()
         module = importlib.import_module(f"trcli.stages.{stage}")
         result = module.run(cfg)
         _print(result, as_json, getattr(module, "render", None))

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from trcli import losses
-from trcli.batching import collate, encode, sequence_logps
+from trcli.batching import collate, encode, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
@@ -78,18 +78,26 @@ def run(cfg: Config) -> dict:
     pad = tokenizer.pad_token_id
 
     @torch.no_grad()
-    def reference_logps(batch, which: str = REFERENCE):
+    def reference_logps(batch, which: str = REFERENCE) -> torch.Tensor:
         if frozen is not None:
-            return sequence_logps(frozen if which == REFERENCE else initial, batch)
+            return token_logps(frozen if which == REFERENCE else initial, batch)[0]
         with using_adapter(model, which):
-            return sequence_logps(model, batch)
+            return token_logps(model, batch)[0]
+
+    def kl_estimate(pol_tok: torch.Tensor, ref_tok: torch.Tensor) -> float:
+        # KL(π‖π_ref) per sequence as the sum over completion tokens of k3 = e^{-d} - 1 + d,
+        # d = log π - log π_ref (Schulman's estimator: >= 0, 0 iff equal). The completions come
+        # from the data, not from π, so this is an off-policy approximation; it drives --update kl.
+        d = (pol_tok - ref_tok).detach()
+        return (torch.expm1(-d) + d).sum(-1).mean().item()
 
     def pair_step(pairs, logging):
         # One forward over [chosen..., rejected...]; the reference pass first, without a graph.
         batch = collate([(c.prompt, c.completion) for c, _ in pairs] + [(r.prompt, r.completion) for _, r in pairs],
                         pad, device)
-        ref, _ = reference_logps(batch)
-        pol, length = sequence_logps(model, batch)
+        ref_tok = reference_logps(batch)
+        pol_tok, mask = token_logps(model, batch)
+        pol, ref, length = pol_tok.sum(-1), ref_tok.sum(-1), mask.sum(-1)
         if align.loss == "ipo" and align.ipo_average:
             pol, ref = pol / length, ref / length
         n = len(pairs)
@@ -102,7 +110,7 @@ def run(cfg: Config) -> dict:
             "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
             "logps/chosen": pol[:n].mean().item(), "logps/rejected": pol[n:].mean().item(),
         }
-        metrics.update(_kl_metrics(pol, ref, batch, logging, length))
+        metrics.update(_kl_metrics(pol_tok, ref_tok, batch, logging))
         return per_pair.mean(), metrics
 
     def kto_step(examples, logging):
@@ -110,19 +118,22 @@ def run(cfg: Config) -> dict:
         n = len(examples)
         matched = [(e.prompt, e.completion) for e, _ in examples]
         mismatched = [(examples[i][0].prompt, examples[i - 1][0].completion) for i in range(n)]
-        batch = collate(matched + mismatched, pad, device)
-        ref, _ = reference_logps(batch)
-        pol, length = sequence_logps(model, collate(matched, pad, device))
+        matched_batch, mismatched_batch = collate(matched, pad, device), collate(mismatched, pad, device)
+        ref_tok = reference_logps(matched_batch)
+        ref_mismatched = reference_logps(mismatched_batch).sum(-1)
+        pol_tok, _ = token_logps(model, matched_batch)
+        pol, ref = pol_tok.sum(-1), ref_tok.sum(-1)
         with torch.no_grad():
-            pol_mismatched, _ = sequence_logps(model, collate(mismatched, pad, device))
-        z = losses.kto_kl_baseline(pol_mismatched, ref[n:])
+            pol_mismatched = token_logps(model, mismatched_batch)[0].sum(-1)
+        z = losses.kto_kl_baseline(pol_mismatched, ref_mismatched)
         labels = torch.tensor([label for _, label in examples], device=device)
         per_example, good_r, bad_r = losses.kto_loss(
-            pol, ref[:n], labels, z, align.beta, align.kto_desirable_weight, align.kto_undesirable_weight)
-        reward = align.beta * (pol - ref[:n]).detach()
+            pol, ref, labels, z, align.beta, align.kto_desirable_weight, align.kto_undesirable_weight)
+        reward = align.beta * (pol - ref).detach()
         nan = float("nan")
         metrics = {
-            "loss": per_example.mean().item(), "tokens": batch["tokens"], "kl/z": z.item(),
+            "loss": per_example.mean().item(), "kl/z": z.item(),
+            "tokens": matched_batch["tokens"] + mismatched_batch["tokens"],
             "rewards/chosen": good_r.mean().item() if good_r.numel() else nan,
             "rewards/rejected": bad_r.mean().item() if bad_r.numel() else nan,
             "rewards/accuracies": ((reward > 0) == labels).float().mean().item(),
@@ -130,22 +141,16 @@ def run(cfg: Config) -> dict:
             "logps/rejected": pol[~labels].mean().item() if bad_r.numel() else nan,
         }
         metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        metrics.update(_kl_metrics(pol, ref[:n], collate(matched, pad, device), logging, length))
+        metrics.update(_kl_metrics(pol_tok, ref_tok, matched_batch, logging))
         return per_example.mean(), metrics
 
-    def _kl_metrics(pol, ref, batch, logging, length):
-        # Sequence-level log-ratio on the training completions: a cheap, off-policy estimate of
-        # KL(π‖π_ref) that drives --update kl. kl/init needs one more reference pass, so only
-        # on logging steps, and only when the reference has moved away from the start.
-        out = {"kl/ref": (pol - ref).detach().mean().item()}
+    def _kl_metrics(pol_tok, ref_tok, batch, logging):
+        # kl/init needs one more reference pass (the starting reference), so it is computed on
+        # logging steps only, and only when the reference can have moved away from the start.
+        out = {"kl/ref": kl_estimate(pol_tok, ref_tok)}
         if logging:
-            if schedule.mode == "none":
-                out["kl/init"] = out["kl/ref"]
-            else:
-                init, _ = reference_logps(batch, INIT)
-                if align.loss == "ipo" and align.ipo_average:
-                    init = init / length
-                out["kl/init"] = (pol.detach() - init).mean().item()
+            moved = schedule.mode != "none"
+            out["kl/init"] = kl_estimate(pol_tok, reference_logps(batch, INIT)) if moved else out["kl/ref"]
         return out
 
     # The Trust Region update, after each optimizer step (τ counts optimizer steps).
