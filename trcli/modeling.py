@@ -131,24 +131,28 @@ def _copy_adapter(model, src: str, dst: str) -> None:
 @contextmanager
 def using_adapter(model, name: str | None):
     """Run the wrapped forward with adapter ``name`` active (None = the bare base) without
-    touching requires_grad, unlike peft's set_adapter; eval mode so dropout is off."""
+    touching requires_grad (peft's set_adapter would), and with dropout off. Only the dropout
+    modules switch to eval: a whole-model eval() makes bitsandbytes repack 4-bit weights for
+    inference on CPU, which then breaks the training forward."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
     saved = [(m._active_adapter, m._disable_adapters) for m in layers]
-    was_training = model.training
     try:
         for m in layers:
             if name is None:
                 m._disable_adapters = True
             else:
                 m._active_adapter = [name]
-        model.eval()
+        for m in dropouts:
+            m.eval()
         yield model
     finally:
         for m, (active, disabled) in zip(layers, saved):
             m._active_adapter, m._disable_adapters = active, disabled
-        model.train(was_training)
+        for m in dropouts:
+            m.train()
 
 
 def build_for_training(cfg: Config, device: torch.device, start: dict, reference: bool, ref_rank: int | None = None,
@@ -160,6 +164,10 @@ def build_for_training(cfg: Config, device: torch.device, start: dict, reference
     """
     base = load_base(cfg.model, device, path=start.get("weights"))
     if not cfg.model.lora:
+        if start.get("adapter"):  # full fine-tuning from a LoRA SFT: start from the merged weights
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, start["adapter"]).merge_and_unload().requires_grad_(True)
         if cfg.model.quantize == "4bit":
             raise UsageError("model.quantize=4bit needs LoRA (QLoRA); drop --no-lora")
         frozen = None

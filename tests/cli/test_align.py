@@ -173,3 +173,43 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, sft_run):
         a, b = adapter(tmp_path / "full", name), adapter(killed, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
     assert [m["loss"] for m in metrics(killed)] == [m["loss"] for m in metrics(tmp_path / "full")]
+
+
+def test_qlora_trains_adapters_on_a_4bit_base(tmp_path, sft_run, tiny_model):
+    import bitsandbytes as bnb
+
+    from trcli.config import load
+    from trcli.modeling import build_for_training
+
+    cfg = load(None, {"model.name_or_path": str(tiny_model), "model.quantize": "4bit"})
+    model, _ = build_for_training(cfg, torch.device("cpu"), {}, reference=True, ref_rank=4)
+    assert sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) >= 8
+    align(tmp_path / "q", sft_run, "--method", "tr-dpo", "--update", "hard", "--tau", "2", "--max-steps", "2",
+          "--quantize", "4bit")
+    deltas = _deltas(tmp_path / "q", tiny_model)
+    assert all(torch.allclose(p, r, atol=1e-7) for p, r in deltas.values())
+    assert metrics(tmp_path / "q")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_full_fine_tuning_mixes_a_frozen_reference_copy(tmp_path, sft_run):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "full"
+    align(out, sft_run, "--no-lora", "--method", "tr-dpo", "--update", "soft", "--alpha", "0.5",
+          "--max-steps", "1", "--lr", "1e-3")
+    start = AutoModelForCausalLM.from_pretrained(out / "checkpoint-1" / "policy")  # shapes only
+    policy = dict(AutoModelForCausalLM.from_pretrained(out / "policy").named_parameters())
+    reference = dict(AutoModelForCausalLM.from_pretrained(out / "reference").named_parameters())
+    manifest = json.loads((out / "trcli-run.json").read_text())
+    assert manifest["outputs"]["weights"] == "policy"
+    # The start is the SFT adapter merged into the base: reference = 0.5 policy + 0.5 start.
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(
+        manifest["config"]["model"]["name_or_path"]), sft_run / "adapter").merge_and_unload()
+    init = dict(merged.named_parameters())
+    moved = 0
+    for name, p in policy.items():
+        assert torch.allclose(reference[name], 0.5 * p + 0.5 * init[name], atol=1e-6), name
+        moved += not torch.equal(p, init[name])
+    assert moved > 0 and start is not None
