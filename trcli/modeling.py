@@ -36,9 +36,14 @@ def _hub_error(name: str, exc: Exception) -> UsageError:
     return UsageError(f"cannot load model '{name}': {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}{hint}")
 
 
-def load_tokenizer(name: str):
+NO_MODEL = "no base model: pass --model (hub id or local path) or --from a run that had one"
+
+
+def load_tokenizer(name: str | None):
     from transformers import AutoTokenizer
 
+    if not name:
+        raise UsageError(NO_MODEL)
     try:
         tok = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # OSError offline, ValueError for a wrong directory
@@ -54,7 +59,7 @@ def load_base(model_cfg: ModelConfig, device: torch.device, path: str | None = N
 
     name = path or model_cfg.name_or_path
     if not name:
-        raise UsageError("no base model: pass --model (hub id or local path) or --from a run")
+        raise UsageError(NO_MODEL)
     kwargs: dict = {"dtype": _DTYPES[model_cfg.dtype], "trust_remote_code": model_cfg.trust_remote_code}
     if model_cfg.quantize == "4bit":
         from transformers import BitsAndBytesConfig
