@@ -352,6 +352,37 @@ def config_schema():
     sys.stdout.write(json.dumps(config_mod.schema(), indent=2) + "\n")
 
 
+def _run_tool(name: str, call: Callable[[], Any], as_json: bool, render: Callable | None) -> None:
+    """Like _execute, for commands with their own small config (toy) or none (report)."""
+    try:
+        _print(call(), as_json, render)
+    except TrcliError as err:
+        if os.environ.get("TRCLI_DEBUG"):
+            raise
+        print(f"trcli {name}: error: {err}", file=sys.stderr)
+        raise typer.Exit(err.exit_code) from None
+
+
+@app.command(epilog="Example: trcli toy --config recipes/toy-overoptimization.yaml -o runs/toy")
+def toy(config: Optional[Path] = ConfigOpt,
+        output: Path = typer.Option(..., "--output", "-o", help="Run directory to write."),
+        as_json: bool = JsonOpt):
+    """The paper's toy overoptimization experiment: DPO / IPO vs TR, exact probabilities, on CPU."""
+    from trcli import toy as toy_mod
+
+    _run_tool("toy", lambda: toy_mod.run(toy_mod.load_config(config), output), as_json, toy_mod.render)
+
+
+@app.command(epilog="Example: trcli report runs/dpo runs/tr-dpo judged/dpo judged/tr-dpo -o report/")
+def report(runs: List[Path] = typer.Argument(..., help="Run directories (align / sft / judge / toy)."),
+           output: Path = typer.Option(..., "--output", "-o", help="Directory for the PNGs and report.html."),
+           as_json: bool = JsonOpt):
+    """Plot runs: training curves, win rate vs KL from SFT; PNGs plus one self-contained HTML page."""
+    from trcli import report as report_mod
+
+    _run_tool("report", lambda: report_mod.build(runs, output), as_json, report_mod.render)
+
+
 def main() -> None:
     try:
         app()
