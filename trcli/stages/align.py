@@ -18,7 +18,7 @@ from trcli.batching import collate, encode, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
-from trcli.memory import plan_or_none
+from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device, trainable_parameters, using_adapter
 from trcli.runs import Run, inherit
 from trcli.training import Hooks, fit, load_weights, save_weights, shuffled_batches

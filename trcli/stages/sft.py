@@ -17,7 +17,7 @@ from trcli.errors import UsageError
 from trcli.modeling import build_for_training, load_tokenizer, pick_device, trainable_parameters
 from trcli.runs import Run, inherit
 from trcli.trust_region import POLICY
-from trcli.memory import plan_or_none
+from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.training import Hooks, fit, load_weights, save_weights, shuffled_batches
 
 
