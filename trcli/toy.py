@@ -93,7 +93,7 @@ def load_config(path: str | Path | None) -> ToyConfig:
         return ToyConfig.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
-        key = "toy." + ".".join(str(p) for p in first["loc"])
+        key = ".".join(["toy", *(str(p) for p in first["loc"])])
         what = "unknown key" if first["type"] == "extra_forbidden" else "bad value for"
         msg = "" if first["type"] == "extra_forbidden" else ": " + first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{path or 'defaults'}: {what} '{key}'{msg}") from None
