@@ -1,0 +1,237 @@
+"""judge against a real OpenAI-compatible HTTP server on 127.0.0.1, run through the real CLI.
+
+The server scripts its verdicts from the texts it is shown: it prefers the response containing
+GOOD whichever position it is in, always answers "A" for BIAS items (so --swap turns them into
+ties), answers junk for JUNK items, junk then a valid answer for FIXME items, and fails the first
+attempt of RATE (429 + Retry-After: 0), FAIL (500) and SLOW (reply after the client timeout) items.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from trcli.judge import client as client_mod
+from trcli.judge.cache import request_key
+from trcli.stages.judge import candidate_first
+
+KEY = "sk-test-SECRETkey0123456789"
+USAGE = {"prompt_tokens": 100, "completion_tokens": 10}
+TIMEOUT = 0.5
+
+# (prompt tag, candidate completion, baseline completion) for ten items.
+ITEMS = [
+    ("RATE", "GOOD reply zero", "plain reply zero"),
+    ("FAIL", "GOOD reply one", "plain reply one"),
+    ("SLOW", "GOOD reply two", "plain reply two"),
+    ("", "GOOD reply three", "plain reply three"),
+    ("", "GOOD reply four", "plain reply four"),
+    ("", "plain reply five", "GOOD reply five"),
+    ("", "plain reply six", "GOOD reply six"),
+    ("BIAS", "some reply seven", "other reply seven"),
+    ("JUNK", "GOOD reply eight", "plain reply eight"),
+    ("FIXME", "GOOD reply nine", "plain reply nine"),
+]
+
+
+class Judge(BaseHTTPRequestHandler):
+    state: dict  # set per server: requests, auth headers, attempts per body
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        state = self.state
+        key = request_key(body)
+        with state["lock"]:
+            state["requests"].append(body)
+            state["auth"].add(self.headers.get("Authorization"))
+            attempt = state["attempts"][key] = state["attempts"].get(key, 0) + 1
+        first_question = body["messages"][0]["content"]
+        if state.get("status"):
+            return self._send(state["status"], {"error": {
+                "message": f"Incorrect API key provided: {KEY[:8]}****{KEY[-4:]}", "key": KEY}})
+        if attempt == 1 and "RATE" in first_question:
+            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
+        if attempt == 1 and "FAIL" in first_question:
+            return self._send(500, {"error": {"message": "oops"}})
+        if attempt == 1 and "SLOW" in first_question:
+            time.sleep(TIMEOUT * 3)
+        self._send(200, {"choices": [{"message": {"role": "assistant", "content": verdict(body["messages"])}}],
+                         "usage": USAGE})
+
+    def _send(self, status, payload, headers=None):
+        data = json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            pass
+
+
+def verdict(messages: list[dict]) -> str:
+    question = messages[0]["content"]
+    if "JUNK" in question or ("FIXME" in question and len(messages) == 1):
+        return "I cannot decide, both are fine."
+    a = re.search(r"Response A:\n(.*?)\n\nResponse B:", question, re.S).group(1)
+    choice = "A" if "BIAS" in question or "GOOD" in a else "B"
+    return f"Comparison: one is better.\nMore helpful: {choice}"
+
+
+@pytest.fixture
+def server():
+    state = {"requests": [], "auth": set(), "attempts": {}, "lock": threading.Lock()}
+    handler = type("ScriptedJudge", (Judge,), {"state": state})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(client_mod, "BACKOFF_BASE", 0.01)
+
+
+def write_generations(directory: Path, items=ITEMS, scores: bool = False) -> tuple[Path, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    cand, base = directory / "cand.jsonl", directory / "base.jsonl"
+    with open(cand, "w") as c, open(base, "w") as b:
+        for i, (tag, good, other) in enumerate(items):
+            prompt = f"\n\nHuman: question {i} {tag}\n\nAssistant:"
+            rec = {"id": f"q{i}", "prompt": prompt, "model": "x", "sampling": {}, "sample": 0}
+            extra = {"logp": -10.0 - i, "ref_logp": -12.0 - i, "n_tokens": 4} if scores else {}
+            c.write(json.dumps({**rec, "completion": " " + good, **extra}) + "\n")
+            b.write(json.dumps({**rec, "completion": " " + other}) + "\n")
+    return cand, base
+
+
+def judge_args(server, cand, base, out, cache, *extra):
+    return ["judge", "--candidate", cand, "--baseline", base, "--judge", "gpt-4", "--base-url", server["url"],
+            "--api-key-env", "JUDGE_KEY", "--task", "hh", "--timeout", str(TIMEOUT), "--cache-dir", cache,
+            "-o", out, "--json", *extra]
+
+
+def test_swap_win_rate_retries_cache_and_key(tmp_path, server):
+    cand, base = write_generations(tmp_path / "gens", scores=True)
+    out, cache = tmp_path / "judged", tmp_path / "cache"
+    env = {"JUDGE_KEY": KEY}
+
+    dry = run_cli(*judge_args(server, cand, base, out, cache, "--swap", "--dry-run"), env=env)
+    assert dry.exit_code == 0, dry.stderr
+    assert json.loads(dry.stdout)["requests"] == 20 and server["requests"] == []
+
+    res = run_cli(*judge_args(server, cand, base, out, cache, "--swap", "--concurrency", "3"), env=env)
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    # 6 wins (items 0-4 and 9 after its re-ask), 2 losses, 1 tie (BIAS: the orders disagree),
+    # 1 unparseable (JUNK, excluded): (6 + 0.5) / 9.
+    assert (r["wins"], r["losses"], r["ties"], r["unparseable"], r["n"]) == (6, 2, 1, 1, 9)
+    assert r["win_rate"] == pytest.approx(6.5 / 9)
+    assert r["ci95"][0] <= r["win_rate"] <= r["ci95"][1]
+    assert r["position_consistency"] == pytest.approx(8 / 9)
+    # 20 first questions, 2 re-asks each for JUNK (both fail) and FIXME, one retry per order
+    # for RATE, FAIL and SLOW.
+    assert r["retries"] == 6 and r["reasked"] == 4
+    assert r["requests_sent"] == len(server["requests"]) == 30
+    assert r["tokens"] == {"prompt_tokens": 2400, "completion_tokens": 240, "total": 2640}
+    assert r["cost_usd"] == pytest.approx(24 * (100 * 0.03 + 10 * 0.06) / 1000)
+    assert server["auth"] == {f"Bearer {KEY}"}
+    assert r["kl"]["candidate"]["mean"] == pytest.approx(2.0) and r["kl"]["baseline"] is None
+
+    annotations = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
+    by_id = {a["id"]: a for a in annotations}
+    assert by_id["q7"]["result"] == "tie" and {j["verdict"] for j in by_id["q7"]["judgments"]} == {"A"}
+    assert [len(j["turns"]) for j in by_id["q8"]["judgments"]] == [2, 2]
+    assert [t["retries"] for j in by_id["q0"]["judgments"] for t in j["turns"]] == [1, 1]
+    first = [j["order"][0] == "candidate" for j in by_id["q3"]["judgments"]]
+    assert first == [candidate_first(42, "q3"), not candidate_first(42, "q3")]
+    assert json.loads((out / "summary.json").read_text())["win_rate"] == r["win_rate"]
+    assert json.loads((out / "trcli-run.json").read_text())["status"] == "completed"
+
+    # Rerun with another unparseable policy: every answer comes from the cache.
+    sent = len(server["requests"])
+    again = run_cli(*judge_args(server, cand, base, tmp_path / "again", cache, "--swap", "--unparseable", "loss"),
+                    env=env)
+    assert again.exit_code == 0, again.stderr
+    r2 = json.loads(again.stdout)
+    assert len(server["requests"]) == sent and r2["requests_sent"] == 0 and r2["cache_hits"] == 24
+    assert r2["win_rate"] == pytest.approx(6.5 / 10) and r2["n"] == 10
+    dry = run_cli(*judge_args(server, cand, base, out, cache, "--swap", "--dry-run"), env=env)
+    assert json.loads(dry.stdout)["requests"] == 0
+
+    # The key was sent, and is nowhere on disk or in any output.
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert KEY not in path.read_text(errors="replace"), path
+    for result in (res, again, dry):
+        assert KEY not in result.stdout + result.stderr
+
+
+def test_gate_exit_3_and_table(tmp_path, server):
+    cand, base = write_generations(tmp_path / "gens", ITEMS[3:7])  # 2 wins, 2 losses
+    cache = tmp_path / "cache"
+    env = {"JUDGE_KEY": KEY}
+    failed = run_cli(*judge_args(server, cand, base, tmp_path / "a", cache, "--min-win-rate", "0.6"), env=env)
+    assert failed.exit_code == 3
+    assert json.loads(failed.stdout)["win_rate"] == 0.5
+    assert "win rate 0.500 is below --min-win-rate 0.6" in failed.stderr
+    args = judge_args(server, cand, base, tmp_path / "b", cache, "--min-win-rate", "0.5")
+    passed = run_cli(*[a for a in args if a != "--json"], env=env)
+    assert passed.exit_code == 0, passed.stderr
+    assert "win rate" in passed.stdout and "0.500" in passed.stdout and "distinct_1" in passed.stdout
+
+
+def test_unauthorized_is_one_line_without_the_key(tmp_path, server):
+    server["status"] = 401
+    cand, base = write_generations(tmp_path / "gens", ITEMS[3:4])
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "out", tmp_path / "cache"), env={"JUDGE_KEY": KEY})
+    assert res.exit_code == 2
+    assert res.stderr.count("\n") == 1 and "HTTP 401" in res.stderr
+    assert KEY not in res.stderr and KEY[-4:] not in res.stderr and "provided: sk-***" in res.stderr
+    assert len(server["requests"]) == 1  # a 401 is not retried
+
+
+def test_retries_exhausted_exit_1(tmp_path, server):
+    server["status"] = 503
+    cand, base = write_generations(tmp_path / "gens", ITEMS[3:4])
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "out", tmp_path / "cache", "--max-retries", "2"),
+                  env={"JUDGE_KEY": KEY})
+    assert res.exit_code == 1 and "HTTP 503 after 2 retries" in res.stderr
+    assert len(server["requests"]) == 3
+
+
+def test_max_cost_stops_then_resumes(tmp_path, server):
+    cand, base = write_generations(tmp_path / "gens", ITEMS[3:7])
+    cache = tmp_path / "cache"
+    env = {"JUDGE_KEY": KEY, "TRCLI_JUDGE__MAX_TOKENS": "16"}
+    per_request = (100 * 0.03 + 10 * 0.06) / 1000
+    budget = 2.5 * per_request
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "a", cache, "--concurrency", "1",
+                              "--max-cost-usd", str(budget)), env=env)
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    assert 1 <= r["requests_sent"] < 4 and r["not_judged"] == 4 - r["requests_sent"]
+    assert r["spent_usd"] <= budget and "max-cost-usd" in res.stderr
+    first = len(server["requests"])
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "b", cache, "--max-cost-usd", "1"), env=env)
+    r = json.loads(res.stdout)
+    assert r["not_judged"] == 0 and r["n"] == 4 and r["win_rate"] == 0.5
+    assert r["requests_sent"] == 4 - first and len(server["requests"]) == 4  # nothing asked twice

@@ -1,0 +1,1 @@
+"""LLM and reward-model judges: endpoint client, cache, prompts, statistics, local backends."""

@@ -1,0 +1,66 @@
+"""Local judges: a reward model (``rm:PATH``) and a causal LM asked the pairwise prompt (``hf:PATH``)."""
+
+from __future__ import annotations
+
+import torch
+
+from trcli.config import ModelConfig
+from trcli.errors import UsageError
+from trcli.judge.prompts import PAIRWISE
+from trcli.modeling import load_base, load_tokenizer
+
+BATCH = 8
+
+
+class RewardJudge:
+    """Scores prompt + completion with a sequence-classification head; the higher score wins."""
+
+    def __init__(self, path: str, device: torch.device):
+        self.tokenizer = load_tokenizer(path)
+        self.tokenizer.padding_side = "right"  # the head reads the last non-pad token
+        self.model = load_base(ModelConfig(), device, path=path, task="reward").eval()
+        if self.model.config.num_labels != 1:
+            raise UsageError(f"rm:{path}: expected a reward model with one output, found {self.model.config.num_labels}")
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device = device
+
+    @torch.no_grad()
+    def scores(self, prompts: list[str], completions: list[str]) -> list[float]:
+        out = []
+        for start in range(0, len(prompts), BATCH):
+            texts = [p + c for p, c in zip(prompts[start:start + BATCH], completions[start:start + BATCH])]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
+                                 max_length=self.model.config.max_position_embeddings).to(self.device)
+            out.extend(self.model(**enc).logits[:, 0].float().tolist())
+        return out
+
+
+class LMJudge:
+    """Gives a causal LM the pairwise prompt and reads the verdict from its next-token
+    distribution: P(" A") vs P(" B") right after the answer label (e.g. "More helpful:"). No
+    sampling, so no unparseable answers; an exact tie in log-probability is a tie."""
+
+    def __init__(self, path: str, device: torch.device, task: str):
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_base(ModelConfig(), device, path=path).eval()
+        self.device = device
+        self.answer = PAIRWISE[task].answer
+        ids = [self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in (" A", " B")]
+        if not ids[0] or not ids[1] or ids[0][0] == ids[1][0]:
+            raise UsageError(f"hf:{path}: its tokenizer cannot tell ' A' from ' B'")
+        self.a_id, self.b_id = ids[0][0], ids[1][0]
+
+    def _text(self, prompt: str) -> str:
+        if self.tokenizer.chat_template:
+            prompt = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            return f"{prompt}{self.answer}:"
+        return f"{prompt}\n\n{self.answer}:"
+
+    @torch.no_grad()
+    def logit_gap(self, prompt: str) -> float:
+        """log P(" A") - log P(" B") for the next token."""
+        enc = self.tokenizer(self._text(prompt), return_tensors="pt", add_special_tokens=False).to(self.device)
+        logits = self.model(**enc, logits_to_keep=1).logits[0, -1].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        return float(logp[self.a_id] - logp[self.b_id])
