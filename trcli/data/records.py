@@ -9,7 +9,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from trcli.errors import DataError
 
@@ -18,6 +20,35 @@ FIELDS = {
     "unpaired": ("prompt", "completion", "label"),
     "sft": ("prompt", "completion"),
 }
+
+
+class Drop(Exception):
+    """A well-formed input row that yields no usable record; `prep` counts it by ``reason``."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class SourceOptions:
+    """What a source converter needs besides the row. ``kind`` is the kind asked for ('auto' until
+    the first record fixes it); a converter may still return paired records for 'unpaired' or
+    'sft', which `prep` then converts."""
+
+    kind: str = "auto"
+    columns: dict[str, str] = field(default_factory=dict)
+    template: str | None = None
+    tokenizer: Any = None
+
+
+def drop_reason(record: dict) -> str | None:
+    """Why a canonical record is unusable: an empty text, or a pair with nothing to prefer."""
+    if any(not record[f].strip() for f in ("prompt", "chosen", "rejected", "completion") if f in record):
+        return "empty"
+    if "chosen" in record and record["chosen"] == record["rejected"]:
+        return "identical"
+    return None
 
 
 def kind_of(columns) -> str:

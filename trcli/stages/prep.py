@@ -1,4 +1,4 @@
-"""prep: input data -> canonical records saved as a DatasetDict at RUN/data.
+"""prep: input data -> canonical records saved as a DatasetDict at RUN/data, and a report.
 
 Reads every row first and writes nothing until the whole input is known to be good, so a bad
 file leaves the output path untouched.
@@ -6,87 +6,251 @@ file leaves the output path untouched.
 
 from __future__ import annotations
 
+import random
+import sys
 from collections import Counter
 from pathlib import Path
 
 from trcli.config import Config
-from trcli.data import columns
-from trcli.data.files import RowError, read_jsonl
-from trcli.data.records import FIELDS, paired_to_sft, paired_to_unpaired
+from trcli.data import chat, columns, hh, tldr
+from trcli.data.files import FORMATS, RowError, read_file, read_hub
+from trcli.data.records import FIELDS, Drop, SourceOptions, drop_reason, kind_of, paired_to_sft, paired_to_unpaired
 from trcli.errors import DataError, UsageError
 from trcli.runs import Run, atomic_path
 
+CONVERTERS = {"hh": hh.convert, "tldr": tldr.convert, "ultrafeedback": chat.convert, "chat": chat.convert}
+# What --source X reads when no --input is given: (hub id, config).
+HUB_DEFAULTS = {"hh": (hh.HUB_ID, None), "tldr": (tldr.HUB_ID, tldr.HUB_SUBSET),
+                "ultrafeedback": (chat.ULTRAFEEDBACK, None)}
+CHAT_SOURCES = ("ultrafeedback", "chat")
+PERCENTILES = (50, 90, 99)
 
-def _rows(cfg: Config):
+
+def _rows(cfg: Config, name: str):
+    """(split, where, row) from a local file or, for hub ids, through datasets.load_dataset."""
     data = cfg.data
+    if data.source in FORMATS:
+        return read_file(name, data.source)
+    if data.source != "hub" and Path(name).exists():
+        return read_file(name)
+    subset, data_dir = data.subset, None
     if data.input is None:
-        raise UsageError("prep needs an input: --input FILE (or data.input in the recipe)")
-    if data.source == "jsonl":
-        for where, row in read_jsonl(data.input):
-            if isinstance(row, RowError):
-                yield where, row
-                continue
-            try:
-                yield where, columns.convert(row, where, data.columns, data.kind)
-            except RowError as err:
-                yield where, err
-        return
-    raise UsageError(f"data.source={data.source} is not supported yet")
+        subset = subset or HUB_DEFAULTS[data.source][1]
+    if data.source == "hh":  # Anthropic/hh-rlhf keeps its subsets in directories, not configs
+        subset, data_dir = None, subset
+    splits = chat.ultrafeedback_splits(data.kind) if data.source == "ultrafeedback" else None
+    return read_hub(name, subset, data.split, data.revision, data_dir=data_dir, splits=splits)
 
 
-def _drop_reason(record: dict) -> str | None:
-    texts = [record[f] for f in ("prompt", "chosen", "rejected", "completion") if f in record]
-    if any(not t.strip() for t in texts[1:]) or not record["prompt"].strip():
-        return "empty"
-    if "chosen" in record and record["chosen"] == record["rejected"]:
-        return "identical"
-    return None
+def _tokenizer(cfg: Config):
+    name = cfg.model.tokenizer or cfg.model.name_or_path
+    if cfg.data.source in CHAT_SOURCES and not name:
+        raise UsageError(f"--source {cfg.data.source} renders messages with a chat template: "
+                         "pass --model (or --tokenizer) to pick the tokenizer")
+    if not name:
+        return None
+    from trcli.modeling import load_tokenizer
+
+    tok = load_tokenizer(name)
+    if cfg.data.source in CHAT_SOURCES and not tok.chat_template:
+        raise UsageError(f"tokenizer '{name}' has no chat template; --source {cfg.data.source} needs one")
+    return tok
+
+
+def _split(records: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out a fraction of the prompts (not of the rows), so that pairs sharing a prompt, and
+    the two halves of a converted pair, never straddle train and test."""
+    prompts = sorted({r["prompt"] for r in records})
+    random.Random(seed).shuffle(prompts)
+    n_test = min(len(prompts) - 1, max(1, round(test_size * len(prompts))))
+    held_out = set(prompts[:n_test])
+    return [r for r in records if r["prompt"] not in held_out], [r for r in records if r["prompt"] in held_out]
+
+
+def _percentiles(values: list[int]) -> dict:
+    import numpy as np
+
+    arr = np.asarray(values)
+    return {**{f"p{q}": int(np.percentile(arr, q)) for q in PERCENTILES}, "max": int(arr.max()),
+            "mean": round(float(arr.mean()), 1)}
+
+
+def _lengths(tokenizer, records: list[dict], kind: str, max_length: int, max_prompt_length: int) -> dict:
+    """Token-length percentiles per field and how many records training would truncate, as
+    batching.encode does: prompt cut to max_prompt_length from the left, completion + EOS cut
+    so that prompt + completion fit max_length."""
+    texts = [f for f in FIELDS[kind] if f != "label"]
+    counts = {f: [len(ids) for ids in tokenizer([r[f] for r in records], add_special_tokens=False)["input_ids"]]
+              for f in texts}
+    prompt = counts["prompt"]
+    completions = [f for f in texts if f != "prompt"]
+    cut = sum(any(min(prompt[i], max_prompt_length) + counts[f][i] + 1 > max_length for f in completions)
+              for i in range(len(records)))
+    return {
+        "tokens": {f: _percentiles(v) for f, v in counts.items()},
+        "truncated": {"prompt": sum(n > max_prompt_length for n in prompt), "completion": cut,
+                      "max_prompt_length": max_prompt_length, "max_length": max_length},
+    }
+
+
+def _marked(tokenizer, ids: list[int]) -> str:
+    """Decoded text with every special token shown as «token»."""
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    out, plain = [], []
+    for i in ids + [None]:
+        if (i is None or i in special) and plain:
+            out.append(tokenizer.decode(plain))
+            plain = []
+        if i is None:
+            break
+        if i in special:
+            out.append(f"«{tokenizer.convert_ids_to_tokens(i)}»")
+        else:
+            plain.append(i)
+    return "".join(out)
+
+
+def _encoded(tokenizer, prompt: str, completion: str, cfg: Config) -> tuple[str, str, str]:
+    """(prompt, completion, note) as training encodes them: truncated, EOS added, specials marked."""
+    from trcli.batching import encode
+
+    if tokenizer is None:
+        return prompt, completion, ""
+    enc = encode(tokenizer, prompt, completion, cfg.data.max_length, cfg.data.max_prompt_length)
+    full = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    cut = f" cut from {full}" if full > len(enc.prompt) else ""
+    note = f" · prompt {len(enc.prompt)} tokens{cut} · completion {len(enc.completion)}"
+    return _marked(tokenizer, enc.prompt), _marked(tokenizer, enc.completion), note
+
+
+def _show(records: list[dict], kind: str, tokenizer, cfg: Config) -> None:
+    """Print examples to stderr as training will see them: the prompt, '⟫' at the boundary, then
+    each completion."""
+    completions = [f for f in FIELDS[kind] if f not in ("prompt", "label")]
+    shown = records[: cfg.data.show]
+    for n, record in enumerate(shown, start=1):
+        label = f" · label {record['label']}" if kind == "unpaired" else ""
+        lines = [f"── example {n} of {len(shown)} · id {record['id']}{label} ──"]
+        for f in completions:
+            prompt, completion, note = _encoded(tokenizer, record["prompt"], record[f], cfg)
+            if f == completions[0]:
+                lines.append(prompt + "⟫")
+            lines.append(f"⟫ {f}{note}:\n{completion}")
+        print("\n".join(lines), file=sys.stderr)
+    if tokenizer is None:
+        print("(raw text: pass --model to see the tokens training will see)", file=sys.stderr)
 
 
 def run(cfg: Config) -> dict:
+    data = cfg.data
     if not cfg.output:
         raise UsageError("prep needs --output DIR")
-    rows_in, dropped, records = 0, Counter(), []
-    for where, item in _rows(cfg):
+    name = data.input or HUB_DEFAULTS.get(data.source, (None,))[0]
+    if name is None:
+        raise UsageError("prep needs an input: --input FILE (or data.input in the recipe)")
+    if data.template is not None:
+        tldr.check_template(data.template)
+    tokenizer = _tokenizer(cfg)
+    opts = SourceOptions(kind=data.kind, columns=data.columns, template=data.template, tokenizer=tokenizer)
+    convert = CONVERTERS.get(data.source, columns.convert)
+
+    # Read and check every row; the first record fixes the kind for the rest.
+    rows_in, dropped, by_split, kind, first_skipped = 0, Counter(), {}, None, None
+    for split, where, row in _rows(cfg, name):
         rows_in += 1
-        if isinstance(item, RowError):
-            if cfg.data.on_error == "fail":
-                raise DataError(f"{item} (use --on-error skip to skip bad rows)")
+        try:
+            if isinstance(row, RowError):
+                raise row
+            record = convert(row, where, opts)
+            have = kind_of(record)
+            if kind is not None and have != kind:
+                raise RowError(where, f"a {have} record among {kind} records")
+            kind = opts.kind = have
+            reason = drop_reason(record)
+            if reason:
+                raise Drop(reason)
+        except RowError as err:
+            if data.on_error == "fail":
+                raise DataError(f"{err} (use --on-error skip to skip bad rows)") from None
             dropped["malformed"] += 1
+            first_skipped = first_skipped or str(err)
             continue
-        reason = _drop_reason(item)
-        if reason:
-            dropped[reason] += 1
+        except Drop as drop:
+            dropped[drop.reason] += 1
             continue
-        item["id"] = item["id"] or f"{len(records)}"
-        records.append(item)
+        record["id"] = record["id"] or str(rows_in)
+        by_split.setdefault(split, []).append(record)
+    if first_skipped:
+        print(f"trcli prep: skipped {dropped['malformed']} malformed rows; the first: {first_skipped}", file=sys.stderr)
+    if rows_in == 0:
+        raise DataError(f"{name}: no rows (empty input)")
+    if kind is None:
+        raise DataError(f"{name}: no usable rows ({rows_in} read, dropped {dict(dropped)})")
 
-    kind = next(k for k in FIELDS if set(FIELDS[k]) <= set(records[0])) if records else None
-    if cfg.data.kind in ("unpaired", "sft") and kind == "paired":
-        records = paired_to_unpaired(records) if cfg.data.kind == "unpaired" else paired_to_sft(records)
-        kind = cfg.data.kind
-    if not records:
-        raise DataError(f"{cfg.data.input}: no usable rows ({rows_in} read, dropped {dict(dropped)})")
+    # Convert to the kind asked for.
+    if data.kind in ("unpaired", "sft") and kind == "paired":
+        to = paired_to_unpaired if data.kind == "unpaired" else paired_to_sft
+        by_split = {s: to(recs) for s, recs in by_split.items()}
+        kind = data.kind
+    elif data.kind not in ("auto", kind):
+        raise DataError(f"{name}: asked for {data.kind} records but the input holds {kind} records")
 
-    from datasets import Dataset, DatasetDict
+    # Splits: the source's own, or a held-out fraction of the prompts.
+    if "test" in by_split and data.test_size > 0:
+        print("trcli prep: the input has its own test split; ignoring --test-size", file=sys.stderr)
+    elif "train" in by_split and data.test_size > 0:
+        by_split["train"], by_split["test"] = _split(by_split["train"], data.test_size, data.seed)
+    records = [r for recs in by_split.values() for r in recs]
+    if data.show:
+        _show(by_split.get("train") or records, kind, tokenizer, cfg)
 
-    dataset = Dataset.from_list([{"id": r["id"], **{f: r[f] for f in FIELDS[kind]}} for r in records])
-    if cfg.data.test_size > 0 and len(dataset) >= 2:
-        split = dataset.train_test_split(test_size=cfg.data.test_size, seed=cfg.data.seed)
-        splits = DatasetDict({"train": split["train"], "test": split["test"]})
-    else:
-        splits = DatasetDict({"train": dataset})
-
-    run_dir = Run("prep", cfg.output, cfg)
-    run_dir.add_input("input", cfg.data.input)
-    with atomic_path(Path(cfg.output) / "data") as tmp:
-        splits.save_to_disk(str(tmp))
     summary = {
+        "source": data.source,
+        "input": name,
+        "kind": kind,
         "rows_in": rows_in,
         "rows_out": len(records),
         "dropped": dict(dropped),
-        "kind": kind,
-        "splits": {name: len(ds) for name, ds in splits.items()},
+        "splits": {s: len(recs) for s, recs in by_split.items() if recs},
     }
+    if tokenizer is not None:
+        summary.update(_lengths(tokenizer, records, kind, data.max_length, data.max_prompt_length))
+
+    from datasets import Dataset, DatasetDict
+
+    fields = ["id", *FIELDS[kind]]
+    splits = DatasetDict({s: Dataset.from_list([{f: r[f] for f in fields} for r in recs])
+                          for s, recs in by_split.items() if recs})
+    run_dir = Run("prep", cfg.output, cfg)
+    run_dir.add_input("input", name)
+    with atomic_path(Path(cfg.output) / "data") as tmp:
+        splits.save_to_disk(str(tmp))
     run_dir.finish(data="data", report=summary)
     return summary
+
+
+def render(result: dict):
+    from rich.console import Group
+    from rich.table import Table
+
+    table = Table(title="prep", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("source", f"{result['source']}  {result['input']}")
+    table.add_row("kind", result["kind"])
+    table.add_row("rows in", str(result["rows_in"]))
+    table.add_row("rows out", str(result["rows_out"]))
+    for reason, n in sorted(result["dropped"].items()):
+        table.add_row(f"dropped: {reason}", str(n))
+    table.add_row("splits", ", ".join(f"{s} {n}" for s, n in result["splits"].items()))
+    if "tokens" not in result:
+        return table
+    lengths = Table(title="tokens per field")
+    for column in ("field", *(f"p{q}" for q in PERCENTILES), "max", "mean"):
+        lengths.add_column(column, justify="left" if column == "field" else "right")
+    for field, stats in result["tokens"].items():
+        lengths.add_row(field, *(str(stats[f"p{q}"]) for q in PERCENTILES), str(stats["max"]), str(stats["mean"]))
+    cut = result["truncated"]
+    note = (f"truncated: {cut['prompt']} prompts at max_prompt_length={cut['max_prompt_length']}, "
+            f"{cut['completion']} records at max_length={cut['max_length']}")
+    return Group(table, lengths, note)
