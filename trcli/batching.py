@@ -3,6 +3,8 @@
 log π(y|x) is the sum of the completion tokens' log-probabilities; prompt tokens are excluded.
 Only the logits of completion positions are computed and kept (``logits_to_keep``), and each
 token's log-prob is its gathered logit minus a logsumexp: no full log-softmax is stored.
+Two batch layouts give the same numbers: :func:`collate` (padded rows, one per sequence) and
+:func:`pack` (shared prompts computed once, little padding), which :func:`make_batch` picks.
 """
 
 from __future__ import annotations
@@ -49,7 +51,10 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> di
 
 
 def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token completion log-probs (B × T', zero outside completions) and the mask."""
+    """Per-token completion log-probs (B × T', zero outside completions) and the mask, for a
+    batch from :func:`collate` or :func:`pack`."""
+    if "targets" in batch:
+        return _packed_token_logps(model, batch)
     ids = batch["input_ids"]
     first = batch["first"]
     keep = ids.shape[1] - first  # logits for positions first .. T-1; the last one is unused
@@ -66,3 +71,119 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of completion log-probs, completion length) per row."""
     logps, mask = token_logps(model, batch)
     return logps.sum(-1), mask.sum(-1)
+
+
+# --- The fast path: shared prompts packed once, no padding between sequences (GUIDE sec. 5) ---
+#
+# Sequences with the same prompt (a pair's chosen and rejected, KTO's matched and mismatched rows)
+# become one group [prompt, completion_1[:-1], completion_2[:-1], ...]: each completion restarts
+# its positions after the prompt and attends to the prompt and to itself only. Causal attention
+# makes this exact: the prompt's states do not depend on what follows it, and no completion sees
+# another. A completion's last token predicts nothing, so it is not fed; its first token is
+# predicted from the prompt's last position. Groups are then packed into rows (first-fit
+# decreasing, rows as long as the longest group), so padding is only what the packing leaves.
+
+
+def supports_packing(model) -> bool:
+    """Packing needs position_ids, a custom 4D attention mask (sdpa or eager attention) and
+    boolean ``logits_to_keep`` (transformers' ``slice_logits_to_keep``); otherwise use collate."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    impl = getattr(base.config, "_attn_implementation", None)
+    return impl in ("sdpa", "eager") and "position_ids" in params and "logits_to_keep" in params
+
+
+def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """Packed rows for ``seqs`` (prompt, completion) with each distinct prompt computed once.
+
+    ``token_logps`` on the result gives row i of its output for ``seqs[i]``: completion token
+    log-probs left-aligned (N × longest completion), zero past the completion's end.
+    """
+    groups: dict[tuple, list[int]] = {}
+    for i, (p, _) in enumerate(seqs):
+        groups.setdefault(tuple(p), []).append(i)
+    # Per group: its tokens, their positions and segments (0 = prompt, k = k-th completion), and
+    # each target as (position in the group, token id, sequence, offset in the completion).
+    built = []
+    for prompt, members in groups.items():
+        ids, pos, seg, targets = list(prompt), list(range(len(prompt))), [0] * len(prompt), []
+        for k, i in enumerate(members, start=1):
+            c = seqs[i][1]
+            predictor = len(prompt) - 1  # the prompt's last position predicts c[0]
+            for j, token in enumerate(c):
+                targets.append((predictor, token, i, j))
+                if j + 1 < len(c):
+                    predictor = len(ids)
+                    ids.append(token)
+                    pos.append(len(prompt) + j)
+                    seg.append(k)
+        built.append((ids, pos, seg, targets))
+    width = max(len(g[0]) for g in built)
+    rows: list[list[int]] = []  # group indices per row
+    room: list[int] = []
+    for g in sorted(range(len(built)), key=lambda g: -len(built[g][0])):
+        n = len(built[g][0])
+        r = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if r is None:
+            rows.append([]), room.append(width)
+            r = len(rows) - 1
+        rows[r].append(g)
+        room[r] -= n
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    # Padding gets a group of its own per position, so a pad token attends to itself only (no
+    # fully masked row, hence no NaN) and nothing attends to it.
+    grp = -1 - torch.arange(width).repeat(len(rows), 1)
+    seg = torch.zeros((len(rows), width), dtype=torch.long)
+    where, token, seq, offset = [], [], [], []
+    for r, members in enumerate(rows):
+        start = 0
+        for g in members:
+            g_ids, g_pos, g_seg, g_targets = built[g]
+            end = start + len(g_ids)
+            ids[r, start:end], pos[r, start:end] = torch.tensor(g_ids), torch.tensor(g_pos)
+            grp[r, start:end], seg[r, start:end] = g, torch.tensor(g_seg)
+            for at, tok, i, j in g_targets:
+                where.append(r * width + start + at), token.append(tok), seq.append(i), offset.append(j)
+            start = end
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = (grp[:, :, None] == grp[:, None, :]) & causal & ((seg[:, None, :] == 0) | (seg[:, :, None] == seg[:, None, :]))
+    keep = torch.zeros(len(rows) * width, dtype=torch.bool)
+    where = torch.tensor(where)
+    keep[where] = True
+    # Logits come back for the kept positions only, flattened in row-major order.
+    logit_row = (keep.cumsum(0) - 1)[where]
+    longest = max(len(c) for _, c in seqs)
+    return {"input_ids": ids.to(device), "position_ids": pos.to(device), "allowed": allowed.to(device),
+            "keep": keep.view(len(rows), width).to(device), "logit_row": logit_row.to(device),
+            "targets": torch.tensor(token).to(device), "seq": torch.tensor(seq).to(device),
+            "offset": torch.tensor(offset).to(device), "shape": (len(seqs), longest),
+            "tokens": sum(len(p) + len(c) for p, c in seqs), "fed": int((grp >= 0).sum())}
+
+
+def make_batch(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+    """The cheapest exact batch this model can take: packed with shared prompts, else padded rows."""
+    return pack(seqs, pad_id, device) if supports_packing(model) else collate(seqs, pad_id, device)
+
+
+def _packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    embed = model.get_input_embeddings().weight
+    if model.config._attn_implementation == "sdpa":
+        mask = batch["allowed"][:, None]
+    else:  # eager attention adds the mask to the scores
+        mask = torch.zeros(batch["allowed"].shape, dtype=embed.dtype, device=embed.device)
+        mask = mask.masked_fill(~batch["allowed"], torch.finfo(embed.dtype).min)[:, None]
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                   logits_to_keep=batch["keep"]).logits
+    if logits.dim() != 2:
+        raise RuntimeError(f"{type(model).__name__} ignores boolean logits_to_keep; use collate()")
+    logits = logits.float()
+    normaliser = torch.logsumexp(logits, dim=-1)[batch["logit_row"]]
+    picked = logits[batch["logit_row"], batch["targets"]]
+    logps = torch.zeros(batch["shape"], dtype=logits.dtype, device=logits.device)
+    logps = logps.index_put((batch["seq"], batch["offset"]), picked - normaliser)
+    mask = torch.zeros(batch["shape"], dtype=torch.bool, device=logits.device)
+    mask[batch["seq"], batch["offset"]] = True
+    return logps, mask
