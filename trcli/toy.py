@@ -1,13 +1,13 @@
 """The paper's toy overoptimization experiment (arXiv 2404.09656), exact and on CPU.
 
-A tiny GPT-NeoX policy generates fixed-length strings over a handful of symbols, so the whole
-sequence space (``symbols ** length`` strings) is enumerated and every probability below is
-exact, with no sampling noise. The model is first fine-tuned (SFT) on the strings of a small
-preference set; every method then trains a LoRA ``policy`` adapter from that same start with
-the project's own losses (:mod:`trcli.losses`) and reference updates
-(:mod:`trcli.trust_region` through :mod:`trcli.modeling`'s adapters). At every logging step
-it records the probability mass on the chosen strings, on the rejected strings, on strings the
-data never showed (out of distribution) and KL(π‖π_SFT).
+A tiny autoregressive policy generates fixed-length strings over a handful of symbols, so the
+whole sequence space (``symbols ** length`` strings) is enumerated and every probability below
+is exact, with no sampling noise. The model is first fine-tuned (SFT) on the strings of a small
+preference set; every method then trains from that same start with the project's own losses
+(:mod:`trcli.losses`), update schedule and reference update (:mod:`trcli.trust_region`). At
+every logging step it records the probability mass on the chosen strings, on the rejected
+strings, on strings the data never showed (out of distribution) and KL(π‖π_SFT). Findings and
+numbers: docs/toy.md.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from trcli.config import ModelConfig, read_recipe
+from trcli.config import read_recipe
 from trcli.errors import ConfigError
 
 CURVE_KEYS = ("p_chosen", "p_rejected", "p_ood", "kl_init")
@@ -38,13 +38,15 @@ class Method(BaseModel):
     name: str
     loss: Literal["dpo", "ipo"]
     update: Literal["none", "soft", "hard"] = "none"
-    alpha: float = Field(1.0, gt=0, le=1, description="Mixing weight of the reference update.")
+    alpha: float | None = Field(None, gt=0, le=1, description="Mixing weight; soft default 0.6, hard = 1.")
     tau: int = Field(1, ge=1, description="Optimizer steps between reference updates.")
 
     @model_validator(mode="after")
     def _hard_copies(self) -> "Method":
-        if self.update == "hard" and self.alpha != 1.0:
+        if self.update == "hard" and self.alpha not in (None, 1.0):
             raise ValueError("update=hard copies the policy (alpha = 1)")
+        if self.alpha is None:  # the same defaults as align (AlignConfig.resolved_alpha)
+            self.alpha = 0.6 if self.update == "soft" else 1.0
         return self
 
 
