@@ -36,19 +36,17 @@ class RewardJudge:
 
 
 class LMJudge:
-    """Gives a causal LM the pairwise prompt and reads the verdict from its next-token
-    distribution: P(" A") vs P(" B") right after the answer label (e.g. "More helpful:"). No
-    sampling, so no unparseable answers; an exact tie in log-probability is a tie."""
+    """Gives a causal LM the pairwise prompt and reads the verdict from its distribution right after
+    the answer label (e.g. "More helpful:"): log P(" A") vs log P(" B"), each the sum over the
+    option's tokens (a small BPE may split " A" in two). No sampling, so no unparseable answers;
+    an exact tie in log-probability is a tie."""
 
     def __init__(self, path: str, device: torch.device, task: str):
         self.tokenizer = load_tokenizer(path)
         self.model = load_base(ModelConfig(), device, path=path).eval()
         self.device = device
         self.answer = PAIRWISE[task].answer
-        ids = [self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in (" A", " B")]
-        if not ids[0] or not ids[1] or ids[0][0] == ids[1][0]:
-            raise UsageError(f"hf:{path}: its tokenizer cannot tell ' A' from ' B'")
-        self.a_id, self.b_id = ids[0][0], ids[1][0]
+        self.options = [self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in (" A", " B")]
 
     def _text(self, prompt: str) -> str:
         if self.tokenizer.chat_template:
@@ -58,9 +56,14 @@ class LMJudge:
         return f"{prompt}\n\n{self.answer}:"
 
     @torch.no_grad()
-    def logit_gap(self, prompt: str) -> float:
-        """log P(" A") - log P(" B") for the next token."""
-        enc = self.tokenizer(self._text(prompt), return_tensors="pt", add_special_tokens=False).to(self.device)
-        logits = self.model(**enc, logits_to_keep=1).logits[0, -1].float()
+    def _logp(self, ids: list[int], option: list[int]) -> float:
+        x = torch.tensor([ids + option], device=self.device)
+        # The last len(option) + 1 positions; all but the final one predict the option's tokens.
+        logits = self.model(input_ids=x, logits_to_keep=len(option) + 1).logits[0, :-1].float()
         logp = torch.log_softmax(logits, dim=-1)
-        return float(logp[self.a_id] - logp[self.b_id])
+        return float(logp[torch.arange(len(option)), torch.tensor(option)].sum())
+
+    def logit_gap(self, prompt: str) -> float:
+        """log P(" A") - log P(" B") as the continuation of the prompt."""
+        ids = self.tokenizer(self._text(prompt), add_special_tokens=False)["input_ids"]
+        return self._logp(ids, self.options[0]) - self._logp(ids, self.options[1])
