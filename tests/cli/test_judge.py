@@ -20,6 +20,7 @@ import pytest
 from conftest import run_cli
 from trcli.judge import client as client_mod
 from trcli.judge.cache import request_key
+from trcli.judge.prompts import CRITERIA
 from trcli.stages.judge import candidate_first
 
 KEY = "sk-test-SECRETkey0123456789"
@@ -84,6 +85,11 @@ class Judge(BaseHTTPRequestHandler):
 
 def verdict(messages: list[dict]) -> str:
     question = messages[0]["content"]
+    if question.startswith("Rate the response"):  # --protocol hc: 8 for GOOD responses, else 5
+        if "JUNK" in question and len(messages) == 1:
+            return "A fine answer overall."
+        score = 8 if "GOOD" in question else 5
+        return "\n".join(f"{c.capitalize()}: {score}" for c in CRITERIA)
     if "JUNK" in question or ("FIXME" in question and len(messages) == 1):
         return "I cannot decide, both are fine."
     a = re.search(r"Response A:\n(.*?)\n\nResponse B:", question, re.S).group(1)
@@ -235,3 +241,19 @@ def test_max_cost_stops_then_resumes(tmp_path, server):
     r = json.loads(res.stdout)
     assert r["not_judged"] == 0 and r["n"] == 4 and r["win_rate"] == 0.5
     assert r["requests_sent"] == 4 - first and len(server["requests"]) == 4  # nothing asked twice
+
+
+def test_hc_ratings(tmp_path, server):
+    cand, base = write_generations(tmp_path / "gens", ITEMS[3:7] + ITEMS[8:9])
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "out", tmp_path / "cache", "--protocol", "hc"),
+                  env={"JUDGE_KEY": KEY})
+    assert res.exit_code == 0, res.stderr
+    r = json.loads(res.stdout)
+    # Items 3, 4 and the JUNK one (rated after its re-asks) have the GOOD candidate: 3 wins, 2 losses.
+    assert (r["wins"], r["losses"], r["unparseable"], r["reasked"]) == (3, 2, 0, 2)
+    assert r["win_rate"] == pytest.approx(0.6) and len(server["requests"]) == 12
+    for criterion in CRITERIA:
+        row = r["criteria"][criterion]
+        assert (row["candidate"], row["baseline"]) == (pytest.approx(6.8), pytest.approx(6.2))
+        assert row["diff"] == pytest.approx(0.6)
+    assert "ours" in r["prompt_source"]
