@@ -145,8 +145,10 @@ def read_csv(path: str | Path) -> Rows:
         header = reader.fieldnames
         if not header:
             return
+        start = reader.line_num + 1
         for row in reader:
-            where = f"{path}:{reader.line_num}"
+            where = f"{path}:{start}"  # the line the row starts on (quoted cells may span lines)
+            start = reader.line_num + 1
             if None in row:  # more cells than header columns
                 yield where, RowError(where, f"{len(header) + len(row[None])} cells, header has {len(header)}")
                 continue
