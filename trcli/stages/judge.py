@@ -284,13 +284,12 @@ def summarize(cfg: Config, items: list[Item], annotations: list[dict], unmatched
                                  if j.swap and both else None),
     }
     if client is not None:
-        cost = cost_usd(j.judge, usage)
+        judgments = [x for a in annotations for x in a.get("judgments", [])]
         result.update({
             "tokens": {**usage, "total": usage["prompt_tokens"] + usage["completion_tokens"]},
-            "cost_usd": cost, "spent_usd": client.budget.spent if price(j.judge) else None,
+            "cost_usd": cost_usd(j.judge, usage), "spent_usd": client.budget.spent if price(j.judge) else None,
             "requests_sent": client.sent, "cache_hits": sum(t["cached"] for t in turns),
-            "retries": sum(t["retries"] for t in turns), "reasked": sum(len(x["turns"]) == 2 for a in annotations
-                                                                        for x in a.get("judgments", [])),
+            "retries": sum(t["retries"] for t in turns), "reasked": sum(len(x["turns"]) == 2 for x in judgments),
         })
     if j.protocol == "hc":
         result["criteria"] = _criteria(cfg, annotations)
