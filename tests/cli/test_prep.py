@@ -284,3 +284,22 @@ def test_table_report_on_stdout(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "hh.jsonl", hh_rows())
     out = ok("prep", "--source", "hh", "--input", src, "--model", tiny_model, "-o", tmp_path / "run").stdout
     assert "dropped: diverged" in out and "tokens per field" in out and "truncated:" in out
+
+
+def test_datasets_loader_keeps_the_sources_own_splits(tmp_path):
+    # A local directory goes through datasets.load_dataset like a hub id, offline.
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    write_jsonl(repo / "train.jsonl", [{"prompt": f"p{i}", "chosen": "c", "rejected": "r"} for i in range(5)])
+    write_jsonl(repo / "validation.jsonl", [{"prompt": f"v{i}", "chosen": "c", "rejected": "r"} for i in range(2)])
+    result = ok("prep", "--source", "hub", "--input", repo, "--test-size", "0.5", "--json", "-o", tmp_path / "run")
+    assert json.loads(result.stdout)["splits"] == {"train": 5, "test": 2}  # validation serves as test
+    assert "ignoring --test-size" in result.stderr
+    assert load(tmp_path / "run")["test"]["prompt"] == ["v0", "v1"]
+    one = prep_json("--source", "hub", "--input", repo, "--split", "validation", "-o", tmp_path / "one")
+    assert one["splits"] == {"train": 2}
+
+
+def test_missing_local_file_for_a_layout_source_is_not_looked_up_on_the_hub(tmp_path):
+    result = run_cli("prep", "--source", "hh", "--input", tmp_path / "nope.jsonl.gz", "-o", tmp_path / "run")
+    assert result.exit_code == 2 and "nope.jsonl.gz: input file not found" in result.stderr

@@ -31,11 +31,12 @@ def _rows(cfg: Config, name: str):
     data = cfg.data
     if data.source in FORMATS:
         return read_file(name, data.source)
-    if data.source != "hub" and Path(name).exists():
-        return read_file(name)
+    if data.source != "hub" and (Path(name).is_file() or Path(name).suffix.lstrip(".") in (*FORMATS, "gz")):
+        return read_file(name)  # a missing file is reported as such, not as an unknown hub id
     subset, data_dir = data.subset, None
-    if data.input is None:
-        subset = subset or HUB_DEFAULTS[data.source][1]
+    default_id, default_subset = HUB_DEFAULTS.get(data.source, (None, None))
+    if name == default_id:
+        subset = subset or default_subset
     if data.source == "hh":  # Anthropic/hh-rlhf keeps its subsets in directories, not configs
         subset, data_dir = None, subset
     splits = chat.ultrafeedback_splits(data.kind) if data.source == "ultrafeedback" else None
@@ -46,7 +47,7 @@ def _tokenizer(cfg: Config):
     name = cfg.model.tokenizer or cfg.model.name_or_path
     if cfg.data.source in CHAT_SOURCES and not name:
         raise UsageError(f"--source {cfg.data.source} renders messages with a chat template: "
-                         "pass --model (or --tokenizer) to pick the tokenizer")
+                         "pass --model to pick the tokenizer (or set model.tokenizer)")
     if not name:
         return None
     from trcli.modeling import load_tokenizer
