@@ -303,6 +303,9 @@ def judge(
     dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Count the requests, send none."),
     min_win_rate: Optional[float] = typer.Option(None, help="Exit 3 if the win rate is below this."),
     cache_dir: Optional[str] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    temperature: Optional[float] = typer.Option(None, help="Judge sampling temperature (default 0)."),
+    max_tokens: Optional[int] = typer.Option(None, help="Max tokens of a judge answer."),
+    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for the 95% CI."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
 ):
     """Win rate of candidate over baseline by an LLM judge or a reward model."""
@@ -312,7 +315,8 @@ def judge(
         "judge.protocol": protocol, "judge.swap": swap, "judge.unparseable": unparseable,
         "judge.concurrency": concurrency, "judge.timeout": timeout, "judge.max_retries": max_retries,
         "judge.max_cost_usd": max_cost_usd, "judge.dry_run": dry_run, "judge.min_win_rate": min_win_rate,
-        "judge.cache_dir": cache_dir, "judge.seed": seed, "output": output,
+        "judge.cache_dir": cache_dir, "judge.seed": seed, "judge.temperature": temperature,
+        "judge.max_tokens": max_tokens, "judge.bootstrap": bootstrap, "output": output,
     }, as_json)
 
 

@@ -169,13 +169,9 @@ def plot_curve(runs: list[RunData], key: str, title: str, path: Path, skipped: l
 
 def judge_point(summary: dict) -> tuple[float | None, float, tuple[float, float] | None]:
     """(KL of the candidate from SFT, win rate, CI) from a judge summary; KL and CI may be absent.
-    KL is read from summary.candidate.kl, summary.kl.candidate or summary.kl (a number)."""
-    kl = summary.get("kl")
-    candidate = summary.get("candidate")
-    if isinstance(candidate, dict) and _number(candidate.get("kl")) is not None:
-        kl = candidate["kl"]
-    elif isinstance(kl, dict):
-        kl = kl.get("candidate")
+    `trcli judge` writes summary.kl.candidate.mean (from `generate --score-with`)."""
+    kl = (summary.get("kl") or {}).get("candidate") or {}
+    kl = kl.get("mean") if isinstance(kl, dict) else None
     ci = summary.get("ci95")
     ci = (float(ci[0]), float(ci[1])) if isinstance(ci, (list, tuple)) and len(ci) == 2 \
         and all(_number(c) is not None for c in ci) else None

@@ -48,8 +48,8 @@ def runs(tmp_path) -> dict[str, Path]:
     training_run(paths["dpo"], 30)
     training_run(paths["tr-dpo"], 30, tau=8)
     training_run(paths["partial"], 3, status="running", drop=("kl/init", "grad_norm"), torn=True)
-    judge_run(paths["j-dpo"], {"win_rate": 0.55, "ci95": [0.5, 0.6], "n": 200, "candidate": {"kl": 12.0}})
-    judge_run(paths["j-tr"], {"win_rate": 0.62, "ci95": [0.57, 0.67], "n": 200, "kl": {"candidate": 20.5}})
+    judge_run(paths["j-dpo"], {"win_rate": 0.55, "ci95": [0.5, 0.6], "n": 200, "kl": {"candidate": {"mean": 12.0}}})
+    judge_run(paths["j-tr"], {"win_rate": 0.62, "ci95": [0.57, 0.67], "n": 200, "kl": {"candidate": {"mean": 20.5, "per_token": 0.4}}})
     judge_run(paths["j-nokl"], {"win_rate": 0.4})
     return paths
 
@@ -99,10 +99,10 @@ def test_reference_update_marks_are_where_the_count_rises():
 
 
 @pytest.mark.parametrize("summary,expected", [
-    ({"win_rate": 0.6, "ci95": [0.5, 0.7], "candidate": {"kl": 3.0}}, (3.0, 0.6, (0.5, 0.7))),
-    ({"win_rate": 0.6, "kl": {"candidate": 4.0, "baseline": 1.0}}, (4.0, 0.6, None)),
-    ({"win_rate": 0.6, "kl": 5.0, "ci95": [0.5]}, (5.0, 0.6, None)),
-    ({"win_rate": 0.6, "candidate": {"kl": None}}, (None, 0.6, None)),
+    ({"win_rate": 0.6, "ci95": [0.5, 0.7], "kl": {"candidate": {"mean": 3.0}}}, (3.0, 0.6, (0.5, 0.7))),
+    ({"win_rate": 0.6, "kl": {"candidate": {"mean": 4.0}, "baseline": {"mean": 1.0}}, "ci95": [0.5]}, (4.0, 0.6, None)),
+    ({"win_rate": 0.6, "kl": {"candidate": None, "baseline": {"mean": 1.0}}}, (None, 0.6, None)),
+    ({"win_rate": 0.6}, (None, 0.6, None)),
 ])
 def test_judge_summaries_missing_fields_are_tolerated(summary, expected):
     assert judge_point(summary) == expected
