@@ -185,7 +185,7 @@ def run(cfg: Config) -> dict:
         print(f"trcli prep: skipped {dropped['malformed']} malformed rows; the first: {first_skipped}", file=sys.stderr)
     if rows_in == 0:
         raise DataError(f"{name}: no rows (empty input)")
-    if not by_split:
+    if not by_split.get("train"):
         raise DataError(f"{name}: no usable rows ({rows_in} read, dropped {dict(dropped)})")
 
     # Convert to the kind asked for.
