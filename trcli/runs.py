@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+from trcli import distributed
 from trcli.config import Config, dump
 from trcli.errors import UsageError
 
@@ -121,6 +122,8 @@ class Run:
         self.save()
 
     def save(self) -> None:
+        if not distributed.is_main():  # under several processes rank 0 writes the manifest
+            return
         write_json(self.dir / MANIFEST, self.manifest)
 
 

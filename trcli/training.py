@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from trcli import distributed
 from trcli.config import Config
 from trcli.errors import TrcliError
 from trcli.runs import atomic_path
@@ -38,6 +39,9 @@ class Hooks:
     extra_state: Callable[[], dict] = dict
     load_extra_state: Callable[[dict], None] = lambda state: None
     evaluate: Callable[[], dict] | None = None
+    # What step_fn's loss averages over, for a micro-batch: examples by default; a token-mean loss
+    # counts tokens. Under several processes each rank's loss is weighted by its share of it.
+    loss_weight: Callable[[list], float] = len
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -53,13 +57,16 @@ def total_steps(cfg: Config, micro_per_epoch: int) -> int:
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    distributed.log(msg)
 
 
 class _Sinks:
     """metrics.jsonl plus optional TensorBoard / W&B, whichever are installed."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int):
+        self.path, self.writers = None, []
+        if not distributed.is_main():  # rank 0 writes for all
+            return
         self.path = run_dir / "metrics.jsonl"
         # On resume, drop lines logged after the checkpoint: they will be logged again.
         kept = []
@@ -84,6 +91,8 @@ class _Sinks:
                 _log(f"warning: --report-to {name}: package not installed, skipping")
 
     def write(self, row: dict) -> None:
+        if self.path is None:
+            return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
         for writer in self.writers:
@@ -99,6 +108,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     if micro_per_epoch == 0:
         raise TrcliError("no training batches")
     steps = total_steps(cfg, micro_per_epoch)
+    distributed.check_batch_size(train.batch_size)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
                               num_training_steps=steps)
@@ -117,15 +127,22 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         start = state["step"]
         _log(f"resumed from {checkpoint} (step {start} of {steps})")
     sinks = _Sinks(cfg, run_dir, start)
+    # Under several processes every rank holds the whole model (LoRA: policy, reference and
+    # starting reference are all among these parameters); they must stay bit-identical.
+    replicated = list(model.named_parameters())
+    distributed.check_replicas(replicated, "the starting weights")
 
     def save_checkpoint(step: int) -> Path:
         target = run_dir / f"checkpoint-{step}"
-        with atomic_path(target) as tmp:
-            tmp.mkdir()
-            hooks.save(tmp)
-            torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                        "extra": hooks.extra_state()}, tmp / STATE)
+        distributed.check_replicas(replicated, f"the weights at step {step}")
+        if distributed.is_main():
+            with atomic_path(target) as tmp:
+                tmp.mkdir()
+                hooks.save(tmp)
+                torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                            "extra": hooks.extra_state()}, tmp / STATE)
+        distributed.barrier()
         return target
 
     epoch_cache: dict[int, list] = {}
@@ -137,7 +154,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             epoch_cache[epoch] = hooks.epoch_batches(epoch)
         return epoch_cache[epoch][within]
 
-    progress = _progress(steps, start)
+    progress = _progress(steps, start) if distributed.is_main() else None
     window: dict[str, list[float]] = {}
     window_tokens, window_start = 0, time.perf_counter()
     last: dict = {}
@@ -145,16 +162,20 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     for step in range(start + 1, steps + 1):
         logging = step % train.logging_steps == 0 or step == steps
         for micro in range(train.grad_accum):
-            batch = micro_batch((step - 1) * train.grad_accum + micro)
+            # Each rank takes its slice of the global micro-batch (all of it in one process).
+            batch, share = distributed.shard(micro_batch((step - 1) * train.grad_accum + micro), hooks.loss_weight)
+            if not batch:  # a last batch smaller than the number of ranks: this rank adds zeros
+                continue
             loss, metrics = hooks.step_fn(batch, logging)
             if not torch.isfinite(loss):
                 kept = latest_checkpoint(run_dir)
                 raise TrcliError(f"loss is {loss.item()} at step {step}; stopped "
                                  f"(last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
-            (loss / train.grad_accum).backward()
+            (loss * share / train.grad_accum).backward()
             window_tokens += metrics.pop("tokens", 0)
             for key, value in metrics.items():
                 window.setdefault(key, []).append(float(value))
+        distributed.all_reduce_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         window.setdefault("grad_norm", []).append(float(grad_norm))
         lr = scheduler.get_last_lr()[0]
@@ -170,10 +191,11 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             row.update({k: sum(v) / len(v) for k, v in window.items() if v})
             row.update(extra)
             row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+            row = distributed.mean_row(row)
             sinks.write(row)
             last = row
             window, window_tokens, window_start = {}, 0, time.perf_counter()
-            if progress is None:
+            if progress is None and distributed.is_main():
                 _log(f"step {step}/{steps} loss {row.get('loss', float('nan')):.4f} "
                      f"grad_norm {row['grad_norm']:.3f} lr {lr:.2e}")
         elif extra:
@@ -185,6 +207,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     if progress is not None:
         progress[0].stop()
     save_checkpoint(steps)
+    distributed.check_replicas(replicated, "the final weights", announce=True)
     last["steps"] = steps
     return last
 
@@ -214,9 +237,11 @@ def shuffled_batches(items: list, batch_size: int, seed: int, min_size: int = 1)
 
 def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | None]]) -> None:
     """Write each part into ``directory/<folder>``: a standard PEFT adapter folder when an adapter
-    name is given (``PeftModel.from_pretrained`` loads it), else full HF weights."""
+    name is given (``PeftModel.from_pretrained`` loads it), else full HF weights. Rank 0 only."""
     import shutil
 
+    if not distributed.is_main():
+        return
     for folder, (model, adapter) in parts.items():
         target = Path(directory) / folder
         if adapter is None:

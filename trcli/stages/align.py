@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trcli import losses
+from trcli import distributed, losses
 from trcli.batching import encode, make_batch, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
@@ -45,6 +45,7 @@ def run(cfg: Config) -> dict:
         raise UsageError("KTO estimates its KL baseline from mismatched pairs in a batch: "
                          "--batch-size must be >= 2")
     schedule = Schedule.from_config(align)
+    distributed.setup(cfg.train.device)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
 
@@ -164,6 +165,9 @@ def run(cfg: Config) -> dict:
             else:
                 truncation["last"] = update_lora_reference(model, schedule.alpha)
             schedule.applied()
+            reference = (list(frozen.named_parameters()) if frozen is not None
+                         else [(n, p) for n, p in model.named_parameters() if f".{REFERENCE}." in n])
+            distributed.check_replicas(reference, f"the reference after update {schedule.updates}")
             if truncation["last"] > 0.05:
                 print(f"warning: step {step}: reference rank truncation discarded {truncation['last']:.1%} "
                       "of the mixture's energy; raise --ref-rank", file=sys.stderr)
@@ -187,10 +191,13 @@ def run(cfg: Config) -> dict:
 
     # Outputs: DIR/policy and DIR/reference (PEFT adapter folders, or full weights).
     save_weights(run_dir.dir, parts)
-    for folder in parts:
-        tokenizer.save_pretrained(str(run_dir.dir / folder))
+    if distributed.is_main():
+        for folder in parts:
+            tokenizer.save_pretrained(str(run_dir.dir / folder))
     handover = {"adapter": "policy"} if frozen is None else {"weights": "policy"}
     run_dir.finish(policy="policy", reference="reference", **handover, model=cfg.model.name_or_path,
                    tokenizer=cfg.model.tokenizer, data=os.path.abspath(cfg.data.path),
                    metrics="metrics.jsonl", final=final)
+    if not distributed.is_main():
+        return None  # rank 0 reports for all
     return {"stage": "align", "method": align.method, "output": str(run_dir.dir), **final}

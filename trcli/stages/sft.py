@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from trcli import distributed
 from trcli.batching import collate, encode, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
@@ -29,6 +30,7 @@ def run(cfg: Config) -> dict:
         raise UsageError("sft needs --output DIR")
     if not cfg.data.path:
         raise UsageError("sft needs data: --data PREP_DIR or --from a prep run")
+    distributed.setup(cfg.train.device)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
@@ -71,12 +73,16 @@ def run(cfg: Config) -> dict:
         save=lambda d: save_weights(d, parts),
         load=lambda d: load_weights(d, parts),
         evaluate=evaluate if test_rows else None,
+        loss_weight=lambda items: sum(len(e.completion) for e in items),  # nll is a token mean
     )
     final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks)
     if test_rows:
         final.update(evaluate())
     save_weights(run_dir.dir, parts)
-    tokenizer.save_pretrained(str(run_dir.dir / name))
+    if distributed.is_main():
+        tokenizer.save_pretrained(str(run_dir.dir / name))
     run_dir.finish(**{name: name}, model=cfg.model.name_or_path, tokenizer=cfg.model.tokenizer,
                    data=os.path.abspath(cfg.data.path), metrics="metrics.jsonl", final=final)
+    if not distributed.is_main():
+        return None  # rank 0 reports for all
     return {"stage": "sft", "output": str(run_dir.dir), name: str(Path(run_dir.dir) / name), **final}

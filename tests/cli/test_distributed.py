@@ -1,0 +1,91 @@
+"""Two processes (torchrun, gloo on CPU) train what one process trains on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import metrics, ok, run_cli
+
+RECIPES = Path(__file__).parents[2] / "recipes" / "accelerate"
+ALIGN = ["align", "--method", "tr-dpo", "--update", "soft", "--alpha", "0.6", "--max-steps", "3",
+         "--batch-size", "4", "--lr", "5e-3", "--logging-steps", "1", "--seed", "3", "--device", "cpu"]
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc-per-node={nproc}", "-m", "trcli.cli", *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=900)
+
+
+def adapter(run: Path, name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / name / "adapter_model.safetensors"))
+
+
+def test_two_ranks_end_with_the_policy_and_reference_of_one_process(tmp_path, sft_run):
+    one, two = tmp_path / "one", tmp_path / "two"
+    ok(*ALIGN, "--from", sft_run, "-o", one)
+    result = torchrun(*ALIGN, "--from", sft_run, "--json", "-o", two)
+    assert result.returncode == 0, result.stderr
+
+    for folder in ("policy", "reference"):
+        single, double = adapter(one, folder), adapter(two, folder)
+        assert single.keys() == double.keys()
+        for key in single:
+            torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-6)
+    # The comparison is not vacuous: training moved the policy away from the SFT adapter, and the
+    # soft updates moved the reference.
+    start, policy = adapter(sft_run, "adapter"), adapter(two, "policy")
+    assert any((policy[k] - start[k]).abs().max() > 1e-4 for k in start)
+    assert [m["ref_updates"] for m in metrics(two)] == [1, 2, 3]
+    # The logged loss is the mean over both ranks' shards, i.e. the one-process loss.
+    for a, b in zip(metrics(one), metrics(two)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+    # Both ranks hold the same weights, reference included: each announces its fingerprint.
+    seen = dict(re.findall(r"\[rank (\d)/2\] the final weights: \d+ tensors identical on all ranks "
+                           r"\(fingerprint (\w+)\)", result.stderr))
+    assert set(seen) == {"0", "1"} and seen["0"] == seen["1"], result.stderr
+    # Only rank 0 reports and writes: one result on stdout, one row per step, one manifest.
+    assert len([line for line in result.stdout.splitlines() if line.startswith("{")]) == 1
+    assert json.loads(result.stdout.strip().splitlines()[-1])["steps"] == 3
+    assert [m["step"] for m in metrics(two)] == [1, 2, 3]
+    assert json.loads((two / "trcli-run.json").read_text())["status"] == "completed"
+
+
+def accelerate(config: str, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           str(RECIPES / config), "--num_processes", "2", "--main_process_port", "0",
+                           "-m", "trcli.cli", *map(str, args)], env=env, capture_output=True, text=True, timeout=900)
+
+
+def test_accelerate_launch_with_the_shipped_ddp_config_trains_sft_like_one_process(tmp_path, tiny_model, prep_run):
+    sft = ["sft", "--model", tiny_model, "--from", prep_run, "--max-steps", "2", "--batch-size", "4",
+           "--lr", "3e-3", "--lora-r", "4", "--device", "cpu"]
+    ok(*sft, "-o", tmp_path / "one")
+    result = accelerate("ddp.yaml", *sft, "-o", tmp_path / "two")
+    assert result.returncode == 0, result.stderr
+    assert "[rank 1/2] joined the gloo process group" in result.stderr
+    single, double = adapter(tmp_path / "one", "adapter"), adapter(tmp_path / "two", "adapter")
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_and_deepspeed_launches_are_refused_with_a_reason(tmp_path, sft_run):
+    result = accelerate("fsdp.yaml", *ALIGN, "--from", sft_run, "-o", tmp_path / "x")
+    assert result.returncode != 0 and "trcli align: error: accelerate launched trcli with FSDP" in result.stderr
+    # DeepSpeed's launcher needs deepspeed installed; what trcli sees is the same kind of variable.
+    env = {"WORLD_SIZE": "2", "RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true"}
+    result = run_cli(*ALIGN, "--from", sft_run, "-o", tmp_path / "y", env=env)
+    assert result.exit_code == 2 and "DeepSpeed" in result.stderr and "ddp.yaml" in result.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

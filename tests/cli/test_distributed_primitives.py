@@ -1,0 +1,58 @@
+"""trcli.distributed in a real two-process gloo group (torch.multiprocessing, no launcher)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, init: str, out: str) -> None:
+    from trcli import distributed
+    from trcli.errors import TrcliError
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    report = {}
+    # Shards: contiguous slices whose shares add up to one, an empty slice when the batch is short.
+    report["shards"] = [distributed.shard(list(range(n))) for n in (4, 3, 1)]
+    # Gradients are summed over ranks, bucket boundaries included; a missing gradient counts as 0.
+    distributed.BUCKET = 3
+    params = [torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(1))]
+    params[0].grad = torch.tensor([1.0, 2.0]) * (rank + 1)
+    params[1].grad = torch.full((2, 2), 10.0 * (rank + 1))
+    if rank == 0:
+        params[2].grad = torch.tensor([5.0])
+    distributed.all_reduce_grads(params)
+    report["grads"] = [p.grad.tolist() for p in params]
+    # Equal tensors pass; one flipped bit on one rank stops both.
+    same = [("a", torch.arange(6.0)), ("b", torch.ones(3, dtype=torch.bfloat16))]
+    distributed.check_replicas(same, "equal tensors")
+    differ = [("a", torch.arange(6.0)), ("b", torch.ones(3, dtype=torch.bfloat16))]
+    if rank == 1:
+        differ[1][1].view(torch.int16)[2] ^= 1  # the lowest mantissa bit of one element
+    try:
+        distributed.check_replicas(differ, "the reference")
+        report["error"] = None
+    except TrcliError as err:
+        report["error"] = str(err)
+    report["row"] = distributed.mean_row({"step": 3, "loss": float(rank), "tokens_per_s": 10.0})
+    torch.save(report, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_shards_gradient_sum_and_replica_check_across_two_ranks(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    out = str(tmp_path / "report")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(init, out), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+
+    assert r0["shards"] == [([0, 1], 0.5), ([0], 1 / 3), ([], 0.0)]
+    assert r1["shards"] == [([2, 3], 0.5), ([1, 2], 2 / 3), ([0], 1.0)]
+    expected = [[3.0, 6.0], [[30.0, 30.0], [30.0, 30.0]], [5.0]]
+    assert r0["grads"] == expected and r1["grads"] == expected
+    for report in (r0, r1):
+        assert report["error"] is not None and "the reference" in report["error"] and "'b'" in report["error"]
+        assert report["row"] == {"step": 3, "loss": 0.5, "tokens_per_s": 20.0}

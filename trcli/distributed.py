@@ -1,0 +1,177 @@
+"""Data parallelism under `torchrun` / `accelerate launch`: replicated model, sharded batches.
+
+Every process holds the whole model (LoRA / QLoRA adapters and their reference, or the full
+model). ``train.batch_size`` is the global micro-batch: each rank takes its contiguous slice,
+scales its loss by its share, and the gradients of the trainable parameters are summed across
+ranks once per optimizer step (after accumulation). Every rank then applies the same clipped
+AdamW step and the same reference update to bit-identical inputs, so the replicas stay equal;
+:func:`check_replicas` verifies that with a fingerprint exchanged between ranks and stops the
+run when they differ. Only rank 0 writes files.
+
+Gradients are reduced by hand rather than through DistributedDataParallel because the policy,
+the reference and the starting reference are passes of one module with different adapters
+active: DDP would hook every forward, including the reference passes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import sys
+from typing import Callable
+
+import torch
+
+from trcli.errors import TrcliError, UsageError
+
+BUCKET = 1 << 24  # elements per all-reduce: bounded extra memory for full fine-tuning
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def world_size() -> int:
+    dist = _dist()
+    return dist.get_world_size() if dist else 1
+
+
+def rank() -> int:
+    dist = _dist()
+    return dist.get_rank() if dist else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def log(msg: str) -> None:
+    """A line on stderr, saying which rank speaks when there are several."""
+    prefix = f"[rank {rank()}/{world_size()}] " if world_size() > 1 else ""
+    print(prefix + msg, file=sys.stderr, flush=True)
+
+
+def setup(device: str) -> None:
+    """Join the process group a launcher described (RANK / WORLD_SIZE / MASTER_ADDR in the
+    environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
+        return
+    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(flag, "").lower() == "true":
+            raise UsageError(f"accelerate launched trcli with {name}, which trcli's training loop does not "
+                             "shard (see docs/scale.md); use recipes/accelerate/ddp.yaml")
+    import torch.distributed as dist
+
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if cuda:  # "cuda" (no index) then means this rank's GPU everywhere in the code
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    log(f"joined the {dist.get_backend()} process group")
+
+
+def check_batch_size(batch_size: int) -> None:
+    if batch_size % world_size():
+        raise UsageError(f"--batch-size {batch_size} is the global micro-batch and must divide by the "
+                         f"{world_size()} processes")
+
+
+def shard(batch: list, weight: Callable[[list], float] = len) -> tuple[list, float]:
+    """This rank's slice of a global micro-batch and the factor on its (mean) loss that makes the
+    sum over ranks of the gradients the gradient of the global mean. ``weight`` is what the loss
+    averages over (examples, or tokens for a token-mean loss)."""
+    n, ranks = len(batch), world_size()
+    if ranks == 1:
+        return batch, 1.0
+    bounds = [n * r // ranks for r in range(ranks + 1)]
+    mine = batch[bounds[rank()]:bounds[rank() + 1]]
+    return mine, (weight(mine) / weight(batch) if mine else 0.0)
+
+
+def _comm_device() -> torch.device:
+    dist = _dist()
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
+    """Sum the gradients over ranks, in buckets of at most BUCKET elements per dtype. A rank whose
+    shard was empty contributes zeros."""
+    dist = _dist()
+    if dist is None:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        start = 0
+        while start < len(grads):
+            size, end = 0, start
+            while end < len(grads) and (end == start or size + grads[end].numel() <= BUCKET):
+                size += grads[end].numel()
+                end += 1
+            flat = torch.cat([g.reshape(-1) for g in grads[start:end]]).to(_comm_device())
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads[start:end]:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+            start = end
+
+
+def mean_row(row: dict) -> dict:
+    """A logged metrics row averaged over ranks (throughput summed)."""
+    dist = _dist()
+    if dist is None:
+        return row
+    rows: list = [None] * world_size()
+    dist.all_gather_object(rows, row)
+    out = dict(row)
+    for key, value in row.items():
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if key != "step" and isinstance(value, float) and values:
+            out[key] = sum(values) if key == "tokens_per_s" else sum(values) / len(values)
+    return out
+
+
+def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One int64 per tensor: the sum of its bits read as integers. Any single changed bit changes
+    it, and it costs one pass over the memory on the tensor's own device."""
+    out = []
+    for t in tensors:
+        raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        width = next(w for w, dt in ((4, torch.int32), (2, torch.int16), (1, torch.uint8)) if raw.numel() % w == 0)
+        as_int = raw.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[width])
+        out.append(as_int.sum(dtype=torch.int64).cpu())
+    return torch.stack(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def check_replicas(named: list[tuple[str, torch.Tensor]], what: str, announce: bool = False) -> None:
+    """Stop (exit 1) unless every rank holds bit-identical ``named`` tensors."""
+    dist = _dist()
+    if dist is None:
+        return
+    mine = fingerprint([t for _, t in named])
+    gathered = [torch.empty_like(mine, device=_comm_device()) for _ in range(world_size())]
+    dist.all_gather(gathered, mine.to(_comm_device()))
+    for other, theirs in enumerate(gathered):
+        differ = (theirs.cpu() != mine).nonzero()
+        if differ.numel():
+            name = named[int(differ[0])][0]
+            raise TrcliError(f"ranks disagree on {what}: '{name}' differs between rank {rank()} and rank {other} "
+                             "(replicas must stay bit-identical; is every rank running the same code and data?)")
+    if announce:
+        digest = hashlib.sha256(mine.numpy().tobytes()).hexdigest()[:16]
+        log(f"{what}: {len(named)} tensors identical on all ranks (fingerprint {digest})")
+
+
+def barrier() -> None:
+    dist = _dist()
+    if dist is not None:
+        dist.barrier()
