@@ -24,9 +24,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"train.device={name} but no CUDA device is available")
+    if name == "cuda":  # the current GPU, by index: this rank's under torchrun (bitsandbytes' device_map needs one)
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
