@@ -10,10 +10,10 @@ keeps alive at the peak of a training step, which is the start of the policy's b
 - the policy's trainable parameters, the reference (an fp32 adapter at ``ref_rank``, or a full
   fp32 copy) and, in Trust Region runs, the starting reference kept for ``kl/init``;
 - gradients and AdamW's two moments, in the trainable parameters' dtype (fp32 for adapters);
-- activations: measured on GPT-NeoX with torch's saved-tensor hooks, the policy pass keeps
-  about 16 hidden-size vectors per token per layer (17 for full fine-tuning, where the frozen
-  bias/norm inputs are also kept), the padding mask of scaled-dot-product attention (T per
-  token per layer), and the completion logits in fp32; at the start of backward the logits
+- activations: counted with torch's saved-tensor hooks, the policy pass keeps about 16
+  hidden-size vectors per token per GPT-NeoX layer (17 for full fine-tuning) and 22.5 (26) per
+  Llama layer (gated MLP; measured at Llama-3-8B's ratios, intermediate 3.5x hidden and 8 of 32
+  KV heads), the padding mask of scaled-dot-product attention (T per token per layer), and the completion logits in fp32; at the start of backward the logits
   are alive four times (saved; the softmax of the logsumexp backward; the gather backward's
   scatter; the gradient padded back to the full logits by the slice backward).
   Gradient checkpointing keeps one hidden vector per layer plus one layer recomputed.
@@ -36,7 +36,8 @@ from trcli.errors import UsageError
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit code + 8-bit absmax per 64 + fp32 absmax per 256 blocks
-SAVED_PER_LAYER = {"lora": 16, "full": 17}  # hidden-size vectors kept per token per layer (see docstring)
+# Hidden-size vectors kept per token per layer by the policy pass (see the docstring).
+SAVED_PER_LAYER = {("gpt_neox", "lora"): 16, ("gpt_neox", "full"): 17, ("llama", "lora"): 22.5, ("llama", "full"): 26}
 LOGIT_COPIES = 4
 CUDA_OVERHEAD = GIB  # CUDA context, cuBLAS workspace: not in the allocator's count but on the device
 HEADROOM = 0.9       # "fits" leaves 10% of the device for allocator fragmentation
@@ -212,7 +213,7 @@ def estimate(cfg: Config, stage: str, world_size: int = 1) -> dict:
 
     # Activations of the policy pass, with and without gradient checkpointing.
     tokens = seqs * length
-    per_layer = SAVED_PER_LAYER["lora" if m.lora else "full"] * shape.hidden * dtype + length * dtype
+    per_layer = int(SAVED_PER_LAYER[shape.arch, "lora" if m.lora else "full"] * shape.hidden * dtype) + length * dtype
     logits = LOGIT_COPIES * shape.vocab * 4
     full_act = tokens * (shape.layers * per_layer + logits)
     ckpt_act = tokens * (shape.layers * shape.hidden * dtype + per_layer + logits)
