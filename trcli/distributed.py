@@ -133,11 +133,21 @@ def mean_row(row: dict) -> dict:
     rows: list = [None] * world_size()
     dist.all_gather_object(rows, row)
     out = dict(row)
-    for key, value in row.items():
-        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
-        if key != "step" and isinstance(value, float) and values:
+    for key in dict.fromkeys(k for r in rows for k in r):  # a rank with no data this step lacks keys
+        values = [r[key] for r in rows if isinstance(r.get(key), float)]
+        if key != "step" and values:
             out[key] = sum(values) if key == "tokens_per_s" else sum(values) / len(values)
     return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any."""
+    dist = _dist()
+    if dist is None:
+        return flag
+    value = torch.tensor([int(flag)], device=_comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -161,6 +161,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     model.train()
     for step in range(start + 1, steps + 1):
         logging = step % train.logging_steps == 0 or step == steps
+        bad = None
         for micro in range(train.grad_accum):
             # Each rank takes its slice of the global micro-batch (all of it in one process).
             batch, share = distributed.shard(micro_batch((step - 1) * train.grad_accum + micro), hooks.loss_weight)
@@ -168,13 +169,16 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                 continue
             loss, metrics = hooks.step_fn(batch, logging)
             if not torch.isfinite(loss):
-                kept = latest_checkpoint(run_dir)
-                raise TrcliError(f"loss is {loss.item()} at step {step}; stopped "
-                                 f"(last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
+                bad = loss.item()
+                break
             (loss * share / train.grad_accum).backward()
             window_tokens += metrics.pop("tokens", 0)
             for key, value in metrics.items():
                 window.setdefault(key, []).append(float(value))
+        if distributed.any_rank(bad is not None):  # all ranks stop together, none waits in a collective
+            kept = latest_checkpoint(run_dir)
+            raise TrcliError(f"loss is {bad if bad is not None else 'not finite on another rank'} at step {step}; "
+                             f"stopped (last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
         distributed.all_reduce_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
         window.setdefault("grad_norm", []).append(float(grad_norm))
@@ -182,7 +186,8 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        extra = hooks.after_step(step, {k: v[-1] for k, v in window.items()})
+        # Averaged over ranks, so that a KL-triggered reference update is decided alike everywhere.
+        extra = hooks.after_step(step, distributed.mean_row({k: v[-1] for k, v in window.items()}))
         if hooks.evaluate is not None and train.eval_steps and step % train.eval_steps == 0:
             extra.update(hooks.evaluate())
         if logging:

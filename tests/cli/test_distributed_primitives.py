@@ -37,6 +37,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         report["error"] = None
     except TrcliError as err:
         report["error"] = str(err)
+    report["any"] = [distributed.any_rank(rank == 1), distributed.any_rank(False)]
     report["row"] = distributed.mean_row({"step": 3, "loss": float(rank), "tokens_per_s": 10.0})
     torch.save(report, f"{out}.{rank}")
     dist.destroy_process_group()
@@ -56,3 +57,4 @@ def test_shards_gradient_sum_and_replica_check_across_two_ranks(tmp_path):
     for report in (r0, r1):
         assert report["error"] is not None and "the reference" in report["error"] and "'b'" in report["error"]
         assert report["row"] == {"step": 3, "loss": 0.5, "tokens_per_s": 20.0}
+        assert report["any"] == [True, False]  # a non-finite loss on one rank stops every rank

@@ -198,6 +198,7 @@ def run(cfg: Config) -> dict:
     run_dir.finish(policy="policy", reference="reference", **handover, model=cfg.model.name_or_path,
                    tokenizer=cfg.model.tokenizer, data=os.path.abspath(cfg.data.path),
                    metrics="metrics.jsonl", final=final)
+    distributed.barrier()  # the other ranks leave once rank 0 has written everything
     if not distributed.is_main():
         return None  # rank 0 reports for all
     return {"stage": "align", "method": align.method, "output": str(run_dir.dir), **final}

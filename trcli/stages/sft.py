@@ -83,6 +83,7 @@ def run(cfg: Config) -> dict:
         tokenizer.save_pretrained(str(run_dir.dir / name))
     run_dir.finish(**{name: name}, model=cfg.model.name_or_path, tokenizer=cfg.model.tokenizer,
                    data=os.path.abspath(cfg.data.path), metrics="metrics.jsonl", final=final)
+    distributed.barrier()  # the other ranks leave once rank 0 has written everything
     if not distributed.is_main():
         return None  # rank 0 reports for all
     return {"stage": "sft", "output": str(run_dir.dir), name: str(Path(run_dir.dir) / name), **final}
