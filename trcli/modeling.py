@@ -136,15 +136,27 @@ def _copy_adapter(model, src: str, dst: str) -> None:
 
 
 @contextmanager
+def no_dropout(model):
+    """Dropout off for the wrapped forward. Only the dropout modules switch to eval: a whole-model
+    eval() makes bitsandbytes repack 4-bit weights for inference on CPU, which then breaks the
+    training forward."""
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
+    try:
+        for m in dropouts:
+            m.eval()
+        yield model
+    finally:
+        for m in dropouts:
+            m.train()
+
+
+@contextmanager
 def using_adapter(model, name: str | None):
-    """Run the wrapped forward with adapter ``name`` active (None = the bare base) without
-    touching requires_grad (peft's set_adapter would), and with dropout off. Only the dropout
-    modules switch to eval: a whole-model eval() makes bitsandbytes repack 4-bit weights for
-    inference on CPU, which then breaks the training forward."""
+    """Run the wrapped forward with adapter ``name`` active (None = the bare base), dropout off,
+    without touching requires_grad (peft's set_adapter would)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
     saved = [(m._active_adapter, m._disable_adapters) for m in layers]
     try:
         for m in layers:
@@ -152,14 +164,11 @@ def using_adapter(model, name: str | None):
                 m._disable_adapters = True
             else:
                 m._active_adapter = [name]
-        for m in dropouts:
-            m.eval()
-        yield model
+        with no_dropout(model):
+            yield model
     finally:
         for m, (active, disabled) in zip(layers, saved):
             m._active_adapter, m._disable_adapters = active, disabled
-        for m in dropouts:
-            m.train()
 
 
 def build_for_training(cfg: Config, device: torch.device, start: dict, reference: bool, ref_rank: int | None = None,

@@ -49,3 +49,23 @@ def test_resume_continues_exactly(tmp_path, tiny_model, prep_run):
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "full")]
+
+
+def test_packing_gives_the_same_training_as_padded_rows(tmp_path, tiny_model, prep_run):
+    args = ["sft", "--model", tiny_model, "--from", prep_run, "--max-steps", "2", "--batch-size", "6",
+            "--lr", "1e-2", "--logging-steps", "1"]
+    ok(*args, "-o", tmp_path / "padded")
+    ok(*args, "--packing", "-o", tmp_path / "packed")
+    padded, packed = metrics(tmp_path / "padded"), metrics(tmp_path / "packed")
+    assert [r["loss"] for r in packed] == pytest.approx([r["loss"] for r in padded], abs=1e-5)
+    a = load_file(str(tmp_path / "padded" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "packed" / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_qlora_sft_with_eval_keeps_training(tmp_path, tiny_model, prep_run):
+    out = tmp_path / "q"
+    ok("sft", "--model", tiny_model, "--from", prep_run, "--quantize", "4bit", "--max-steps", "4",
+       "--batch-size", "4", "--lr", "1e-2", "--logging-steps", "1", "--eval-steps", "2", "-o", out)
+    rows = metrics(out)
+    assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4] and len(rows) == 4

@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 from trcli import distributed
-from trcli.batching import collate, encode, token_logps
+from trcli.batching import collate, encode, make_batch, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
-from trcli.modeling import build_for_training, load_tokenizer, pick_device, trainable_parameters
+from trcli.modeling import build_for_training, load_tokenizer, no_dropout, pick_device, trainable_parameters
 from trcli.runs import Run, inherit
 from trcli.trust_region import POLICY
 from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
@@ -47,8 +47,13 @@ def run(cfg: Config) -> dict:
     parts = {name: (model, POLICY if cfg.model.lora else None)}
     pad = tokenizer.pad_token_id
 
+    # --packing: several examples share a row, each attending only to itself with restarted
+    # positions (exact, unlike concatenation packing); otherwise one padded row per example.
+    layout = (lambda seqs: make_batch(model, seqs, pad, device)) if cfg.train.packing \
+        else (lambda seqs: collate(seqs, pad, device))
+
     def nll(items) -> tuple[torch.Tensor, int]:
-        batch = collate([(e.prompt, e.completion) for e in items], pad, device)
+        batch = layout([(e.prompt, e.completion) for e in items])
         logps, mask = token_logps(model, batch)
         return -logps.sum() / mask.sum(), batch["tokens"]
 
@@ -60,11 +65,9 @@ def run(cfg: Config) -> dict:
     def evaluate() -> dict:
         if not test_rows:
             return {}
-        was = model.training
-        model.eval()
         bs = cfg.train.batch_size
-        losses = [nll(test_rows[i:i + bs])[0].item() for i in range(0, len(test_rows), bs)]
-        model.train(was)
+        with no_dropout(model):
+            losses = [nll(test_rows[i:i + bs])[0].item() for i in range(0, len(test_rows), bs)]
         return {"eval/loss": sum(losses) / len(losses)}
 
     hooks = Hooks(
