@@ -303,3 +303,18 @@ def test_datasets_loader_keeps_the_sources_own_splits(tmp_path):
 def test_missing_local_file_for_a_layout_source_is_not_looked_up_on_the_hub(tmp_path):
     result = run_cli("prep", "--source", "hh", "--input", tmp_path / "nope.jsonl.gz", "-o", tmp_path / "run")
     assert result.exit_code == 2 and "nope.jsonl.gz: input file not found" in result.stderr
+
+
+# --- prep -> sft -> align on the HH and TL;DR fixtures -------------------------------------------
+
+@pytest.mark.parametrize("source", ["hh", "tldr"])
+def test_sft_then_align_from_the_source_fixtures(tmp_path, tiny_model, source):
+    rows = hh_rows(8) if source == "hh" else [comparison(post, post % 2) for post in range(8)]
+    src = write_jsonl(tmp_path / f"{source}.jsonl", rows)
+    ok("prep", "--source", source, "--input", src, "-o", tmp_path / "prep")
+    ok("sft", "--model", tiny_model, "--from", tmp_path / "prep", "--max-steps", "2", "--batch-size", "4",
+       "-o", tmp_path / "sft")
+    ok("align", "--from", tmp_path / "sft", "--method", "tr-kto", "--update", "hard", "--tau", "2",
+       "--max-steps", "2", "--batch-size", "4", "-o", tmp_path / "align")
+    manifest = json.loads((tmp_path / "align" / "trcli-run.json").read_text())
+    assert manifest["status"] == "completed" and manifest["outputs"]["final"]["ref_updates"] == 1
