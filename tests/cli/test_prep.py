@@ -12,7 +12,8 @@ import pytest
 from conftest import ok, run_cli
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
-REAL_HH = Path("/work/shared/data/hh-rlhf/harmless-base-test.jsonl.gz")
+# shared/ sits beside the repository (here and in CI's clean clone).
+REAL_HH = Path(__file__).resolve().parents[3] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 CHAT_TEMPLATE = ("{% for m in messages %}<|endoftext|>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|endoftext|>assistant: {% endif %}")
 
