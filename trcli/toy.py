@@ -40,6 +40,7 @@ class Method(BaseModel):
     update: Literal["none", "soft", "hard"] = "none"
     alpha: float | None = Field(None, gt=0, le=1, description="Mixing weight; soft default 0.6, hard = 1.")
     tau: int = Field(1, ge=1, description="Optimizer steps between reference updates.")
+    beta: float | None = Field(None, gt=0, description="This method's β; default: the toy's `beta`.")
 
     @model_validator(mode="after")
     def _hard_copies(self) -> "Method":
@@ -51,13 +52,14 @@ class Method(BaseModel):
 
 
 def _default_methods() -> list[Method]:
+    """As in recipes/toy-overoptimization.yaml: DPO at β = 1, IPO at β = 0.1 (docs/toy.md says why)."""
     return [
-        Method(name="dpo", loss="dpo"),
-        Method(name="ipo", loss="ipo"),
-        Method(name="tr-dpo-soft", loss="dpo", update="soft", alpha=0.6, tau=1),
-        Method(name="tr-dpo-hard", loss="dpo", update="hard", tau=32),
-        Method(name="tr-ipo-soft", loss="ipo", update="soft", alpha=0.6, tau=1),
-        Method(name="tr-ipo-hard", loss="ipo", update="hard", tau=32),
+        Method(name="dpo", loss="dpo", beta=1.0),
+        Method(name="ipo", loss="ipo", beta=0.1),
+        Method(name="tr-dpo-soft", loss="dpo", update="soft", alpha=0.6, tau=1, beta=1.0),
+        Method(name="tr-dpo-hard", loss="dpo", update="hard", tau=8, beta=1.0),
+        Method(name="tr-ipo-soft", loss="ipo", update="soft", alpha=0.6, tau=1, beta=0.1),
+        Method(name="tr-ipo-hard", loss="ipo", update="hard", tau=32, beta=0.1),
     ]
 
 
@@ -70,9 +72,9 @@ class ToyConfig(BaseModel):
     hidden_size: int = Field(8, ge=2, description="Width of the policy's state.")
     sft_steps: int = Field(150, ge=0)
     sft_lr: float = Field(1e-2, gt=0)
-    steps: int = Field(300, ge=1, description="Preference optimization steps per method (full batch).")
+    steps: int = Field(600, ge=1, description="Preference optimization steps per method (full batch).")
     lr: float = Field(1e-2, gt=0)
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, description="β of every method that sets none of its own.")
     logging_steps: int = Field(5, ge=1)
     seed: int = 0
     threads: int = Field(1, ge=1, description="torch CPU threads (tiny ops: one is fastest).")
@@ -210,13 +212,14 @@ def train_method(start: Policy, task: Task, cfg: ToyConfig, method: Method) -> l
     scale = 1.0 / cfg.length if method.loss == "ipo" else 1.0
     batch = task.space[torch.cat([task.chosen, task.rejected])]
     n = len(task.chosen)
+    beta = method.beta if method.beta is not None else cfg.beta
 
     rows = [{"method": method.name, "step": 0, "loss": None, "ref_updates": 0, **measure(policy, start, task)}]
     for step in range(1, cfg.steps + 1):
         logp = sequence_logps(policy, batch) * scale
         with torch.no_grad():
             ref = sequence_logps(reference, batch) * scale
-        loss = loss_fn(logp[:n], logp[n:], ref[:n], ref[n:], cfg.beta)[0].mean()
+        loss = loss_fn(logp[:n], logp[n:], ref[:n], ref[n:], beta)[0].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -230,7 +233,8 @@ def train_method(start: Policy, task: Task, cfg: ToyConfig, method: Method) -> l
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Per method: the final values, and the lowest P(chosen) on the way (the dip)."""
+    """Per method: the final values, the start, the lowest P(chosen) and the highest OOD mass on
+    the way (the dip)."""
     out: dict = {}
     for method, group in itertools.groupby(rows, key=lambda r: r["method"]):
         group = list(group)
@@ -238,6 +242,8 @@ def summarize(rows: list[dict]) -> dict:
         out[method] = {**{k: last[k] for k in CURVE_KEYS},
                        "start_p_chosen": group[0]["p_chosen"],
                        "min_p_chosen": min(r["p_chosen"] for r in group),
+                       "start_p_ood": group[0]["p_ood"],
+                       "max_p_ood": max(r["p_ood"] for r in group),
                        "ref_updates": last["ref_updates"]}
     return out
 
@@ -306,9 +312,11 @@ def render(result: dict):
     from rich.table import Table
 
     table = Table(title=f"toy: {result['strings']} strings, {result['ood_strings']} never in the data")
-    for col in ("method", "P(chosen) start", "min", "end", "P(rejected)", "OOD mass", "KL to SFT"):
+    for col in ("method", "P(chosen) start", "min", "end", "P(rejected)", "OOD start", "max", "end",
+                "KL to SFT"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for name, m in result["methods"].items():
         table.add_row(name, f"{m['start_p_chosen']:.3f}", f"{m['min_p_chosen']:.3f}", f"{m['p_chosen']:.3f}",
-                      f"{m['p_rejected']:.3f}", f"{m['p_ood']:.3f}", f"{m['kl_init']:.3f}")
+                      f"{m['p_rejected']:.3f}", f"{m['start_p_ood']:.3f}", f"{m['max_p_ood']:.3f}",
+                      f"{m['p_ood']:.3f}", f"{m['kl_init']:.3f}")
     return table

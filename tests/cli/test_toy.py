@@ -49,30 +49,72 @@ def test_reference_updates_follow_the_schedule(toy_run):
     cfg = yaml.safe_load(RECIPE.read_text())["toy"]
     last = {m: rows[-1] for m, rows in curves(out).items()}
     assert last["dpo"]["ref_updates"] == 0 and last["ipo"]["ref_updates"] == 0
+    taus = {m["name"]: m.get("tau", 1) for m in cfg["methods"]}
     assert last["tr-dpo-soft"]["ref_updates"] == cfg["steps"]
-    assert last["tr-dpo-hard"]["ref_updates"] == cfg["steps"] // 32
+    for hard in ("tr-dpo-hard", "tr-ipo-hard"):
+        assert last[hard]["ref_updates"] == cfg["steps"] // taus[hard]
 
 
-def test_static_ipo_overoptimizes_and_trust_region_does_not(toy_run):
-    """The experiment's point, measured: static IPO lets P(chosen) collapse and pushes the mass
-    onto strings the data never showed; TR-IPO (soft and hard) keeps it on the chosen strings."""
+# What the experiment shows, split by how far it holds. docs/toy.md has the table over seeds 0-15
+# of the shipped recipe; the first two tests assert only what held on all 16 seeds, and run on a
+# second seed as well (10, the one seed where TR-DPO does worse than DPO) so a seed-lucky claim fails.
+
+@pytest.fixture(scope="module")
+def toy_run_seed10(tmp_path_factory) -> dict:
+    body = yaml.safe_load(RECIPE.read_text())
+    body["toy"]["seed"] = 10
+    recipe = tmp_path_factory.mktemp("toy10") / "seed10.yaml"
+    recipe.write_text(yaml.safe_dump(body))
+    return json.loads(ok("toy", "--config", recipe, "--output", recipe.parent / "run", "--json").stdout)
+
+
+@pytest.mark.parametrize("which", ["shipped", "seed10"])
+def test_static_dpo_moves_mass_out_of_distribution(request, which):
+    """Static DPO drives the rejected strings to ~0 and ends with more mass on never-seen strings
+    than the SFT start had (16 of 16 seeds; its P(chosen) rises, it does not dip)."""
+    result = request.getfixturevalue("toy_run")[1] if which == "shipped" else request.getfixturevalue("toy_run_seed10")
+    dpo = result["methods"]["dpo"]
+    assert dpo["p_rejected"] < 0.01
+    assert dpo["p_ood"] > dpo["start_p_ood"]
+
+
+@pytest.mark.parametrize("which", ["shipped", "seed10"])
+def test_trust_region_ipo_never_ends_worse_than_static_ipo(request, which):
+    """TR-IPO (soft and hard) ends with at least static IPO's P(chosen) and at most its OOD mass
+    (16 of 16 seeds; often by far more, see the pinned seed below)."""
+    result = request.getfixturevalue("toy_run")[1] if which == "shipped" else request.getfixturevalue("toy_run_seed10")
+    m = result["methods"]
+    for tr in ("tr-ipo-soft", "tr-ipo-hard"):
+        assert m[tr]["p_chosen"] >= m["ipo"]["p_chosen"] - 0.01
+        assert m[tr]["p_ood"] <= m["ipo"]["p_ood"] + 0.01
+
+
+def test_shipped_seed_shows_the_papers_claim_for_dpo_and_ipo(toy_run):
+    """The shipped run (seed 15, chosen to illustrate), pinned as measured, NOT a claim about every
+    seed: TR-DPO soft and
+    hard end with more P(chosen) and less OOD mass than static DPO (15 of 16 seeds; seed 10 is the
+    exception), and static IPO's P(chosen) collapses onto never-seen strings while TR-IPO keeps it
+    (the collapse happens on 4 of 16 seeds: 0, 7, 10, 15). A change here must be written up in
+    docs/toy.md."""
     _, result = toy_run
     m = result["methods"]
+    for tr in ("tr-dpo-soft", "tr-dpo-hard"):
+        assert m[tr]["p_chosen"] > m["dpo"]["p_chosen"] + 0.02
+        assert m[tr]["p_ood"] < m["dpo"]["p_ood"] - 0.02
     assert m["ipo"]["min_p_chosen"] < 0.5 * m["ipo"]["start_p_chosen"]
     assert m["ipo"]["p_ood"] > 0.5
     for tr in ("tr-ipo-soft", "tr-ipo-hard"):
         assert m[tr]["p_chosen"] > m["ipo"]["p_chosen"] + 0.5
         assert m[tr]["p_ood"] < m["ipo"]["p_ood"] - 0.5
-        assert m[tr]["kl_init"] < m["ipo"]["kl_init"]
 
 
-def test_dpo_result_is_reported_as_measured(toy_run):
-    """In this toy, static DPO does NOT overoptimize (see docs/toy.md): it ends with P(chosen)
-    as high as TR-DPO. The test pins that, so a change in the outcome is noticed and documented."""
-    _, result = toy_run
-    m = result["methods"]
-    assert m["dpo"]["p_chosen"] > 0.9 and m["tr-dpo-soft"]["p_chosen"] > 0.9
-    assert all(m[k]["p_rejected"] < 0.01 for k in m)
+def test_seed10_is_the_counterexample_for_dpo(toy_run_seed10):
+    """Pinned as measured, so docs/toy.md stays true: on seed 10 both TR-DPO runs end with less
+    P(chosen) and more OOD mass than static DPO."""
+    m = toy_run_seed10["methods"]
+    for tr in ("tr-dpo-soft", "tr-dpo-hard"):
+        assert m[tr]["p_chosen"] < m["dpo"]["p_chosen"]
+        assert m[tr]["p_ood"] > m["dpo"]["p_ood"]
 
 
 def test_outputs_csv_png_and_manifest(toy_run):
@@ -97,6 +139,18 @@ def test_a_hard_update_later_than_the_run_is_static_dpo_exactly(tmp_path):
     assert strip(runs["soft"]) != strip(runs["dpo"])  # ...and the reference update does matter
 
 
+def test_a_method_beta_overrides_the_toy_beta(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"toy": {"steps": 20, "sft_steps": 20, "logging_steps": 4, "beta": 1.0, "methods": [
+        {"name": "inherits", "loss": "dpo"}, {"name": "same", "loss": "dpo", "beta": 1.0},
+        {"name": "other", "loss": "dpo", "beta": 0.1}]}}))
+    ok("toy", "-c", recipe, "-o", tmp_path / "out", "--json")
+    runs = curves(tmp_path / "out")
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "method"} for r in rows]  # noqa: E731
+    assert strip(runs["inherits"]) == strip(runs["same"])
+    assert strip(runs["other"]) != strip(runs["same"])
+
+
 def test_near_miss_pairs_differ_in_one_symbol():
     from trcli.toy import ToyConfig, make_task
 
@@ -111,6 +165,7 @@ def test_near_miss_pairs_differ_in_one_symbol():
     ({"toy": {"bogus": 1}}, "unknown key 'toy.bogus'"),
     ({"toy": {"methods": [{"name": "x", "loss": "kto"}]}}, "'toy.methods.0.loss'"),
     ({"toy": {"pairs": 40}}, "'toy'"),
+    ({"toy": {"methods": [{"name": "x", "loss": "dpo", "beta": 0}]}}, "'toy.methods.0.beta'"),
 ])
 def test_bad_toy_config_exits_2_with_one_line(tmp_path, body, needle):
     recipe = tmp_path / "bad.yaml"
