@@ -49,7 +49,7 @@ def child(model_dir: str, lora: bool, checkpointing: bool, pairs: int, length: i
     from trcli.config import load
     from trcli.memory import estimate
     from trcli.modeling import INIT, build_for_training, trainable_parameters, using_adapter
-    from trcli.trust_region import REFERENCE, update_full_reference, update_lora_reference
+    from trcli.trust_region import REFERENCE, lora_layers, update_full_reference, update_lora_reference
 
     torch.set_num_threads(2)
     flags = {"model.name_or_path": model_dir, "model.lora": lora, "model.gradient_checkpointing": checkpointing,
@@ -87,7 +87,7 @@ def child(model_dir: str, lora: bool, checkpointing: bool, pairs: int, length: i
         if frozen is not None:
             update_full_reference(model, frozen, 0.6)
         else:
-            update_lora_reference(model, 0.6)
+            update_lora_reference(lora_layers(model), 0.6)
 
     model.train()
     step()

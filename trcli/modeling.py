@@ -15,7 +15,7 @@ import torch
 
 from trcli.config import Config, ModelConfig
 from trcli.errors import UsageError
-from trcli.trust_region import POLICY, REFERENCE, update_lora_reference
+from trcli.trust_region import POLICY, REFERENCE, copy_adapter, lora_layers, update_lora_reference
 
 INIT = "init"  # a frozen copy of the starting reference, for kl/init in TR runs
 
@@ -116,23 +116,11 @@ def add_frozen_adapter(model, name: str, model_cfg: ModelConfig, rank: int) -> N
         if f".{name}." in module_name:
             param.requires_grad_(False)
             param.data = param.data.float()
+    layers = lora_layers(model, name)
     if name == REFERENCE:
-        update_lora_reference(model, 1.0)
+        update_lora_reference(layers, 1.0)  # a copy, truncated if --ref-rank is below the policy's rank
     else:
-        _copy_adapter(model, POLICY, name)
-
-
-@torch.no_grad()
-def _copy_adapter(model, src: str, dst: str) -> None:
-    for module in model.modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is not None and src in lora_a and dst in lora_a:
-            r = lora_a[src].weight.shape[0]
-            module.lora_A[dst].weight.zero_()
-            module.lora_B[dst].weight.zero_()
-            module.lora_A[dst].weight[:r].copy_(lora_a[src].weight)
-            module.lora_B[dst].weight[:, :r].copy_(
-                module.lora_B[src].weight * (module.scaling[src] / module.scaling[dst]))
+        copy_adapter(layers, name)
 
 
 @contextmanager

@@ -6,8 +6,9 @@ applied to the effective weights of each adapted layer, ΔW = s·B·A:
     ΔW_ref ← α·ΔW_θ + (1 - α)·ΔW_ref
 
 which is *not* the average of the A and B factors. The mixture is exactly the product of the
-stacked factors [√α·s_θB_θ, √(1-α)·s_refB_ref] · [√α·A_θ; √(1-α)·A_ref]; a QR of each stack and
-an SVD of the small core re-factorise it at the reference rank in O((m+n)·r²).
+stacked factors [√α·s_θB_θ, √(1-α)·s_refB_ref] · [√α·A_θ; √(1-α)·A_ref]; the R factors of a QR of
+each stack (taken as Cholesky roots of their Gram matrices: CholeskyQR) and an SVD of the small
+core re-factorise it at the reference rank in O((m+n)·r²), all layers' small problems in one batch.
 """
 
 from __future__ import annotations
@@ -65,39 +66,69 @@ class Schedule:
         self.kl_running = state["kl_running"]
 
 
-def mix_low_rank(b_pol: torch.Tensor, a_pol: torch.Tensor, b_ref: torch.Tensor, a_ref: torch.Tensor,
-                 alpha: float, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-    """Factor α·B_θA_θ + (1-α)·B_refA_ref as B·A with ``rank`` columns (B: m×rank, A: rank×n).
+def mix_low_rank(layers: list[tuple], alpha: float, rank: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
+    """Factor α·ΔW_θ + (1-α)·ΔW_ref at ``rank`` for a list of layers, ΔW = s·B·A.
 
-    Returns (B, A, discarded energy, total energy), energies as squared Frobenius norms; the
-    result is the best rank-``rank`` approximation of the exact mixture (exact when its rank
-    fits). Inputs carry their LoRA scaling already (b = s·B).
+    Each layer is (B_θ, A_θ, s_θ, B_ref, A_ref, s_ref); all have the same policy rank r_θ and
+    reference rank r_ref. Returns each layer's new reference factors (B: m×rank, A: rank×n,
+    in the inputs' dtype) such that s_ref·B·A is the best rank-``rank`` approximation of its
+    exact mixture (exact when the mixture's rank fits), and the discarded and total energies
+    (squared Frobenius norms) summed over the layers.
+
+    The mixture is b·a for the stacks b = [√α·B_θ, √(1-α)·B_ref] (m×k) and a = [√α·s_θ·A_θ;
+    √(1-α)·s_ref·A_ref] (k×n), k = r_θ + r_ref. With the QR decomposition aᵀ = Q_a·R_a (R_a
+    taken as the Cholesky root of the Gram matrix a·aᵀ, which is what a QR's R is), b·a =
+    P·Q_aᵀ with P = b·R_aᵀ (m×k). Q_a has orthonormal columns, so the mixture's SVD is P's: the
+    top ``rank`` eigenvectors V of the k×k matrix PᵀP = R_a·(bᵀb)·R_aᵀ give the best
+    approximation P·V·Vᵀ·Q_aᵀ, stored as B = b·(R_aᵀ·V)/s_ref and A = (R_a⁻¹·V)ᵀ·a; the
+    eigenvalues are the squared singular values. Only k×k problems meet LAPACK, all layers in
+    one batched call, and no m×k or k×n temporary is made beyond the two stacks.
+
+    A reference copied from the policy makes a's rows dependent and a·aᵀ singular: a jitter of
+    1e-10 of its mean diagonal keeps Cholesky defined, and b·a = (b·R_aᵀ)·(R_a⁻ᵀ·a) holds
+    whatever the jitter. R_a⁻¹ then amplifies rounding up to 1e5-fold, so the a side runs in
+    float64; the b side meets no inverse and runs in float32 (its Gram's rounding moves the
+    singular values by ~1e-7 of the largest, the reported discarded energy with them). The
+    total energy is tr(bᵀb·a·aᵀ), free of the jitter (zero adapters report zero).
     """
-    dtype = b_pol.dtype
-    b = torch.cat([math.sqrt(alpha) * b_pol, math.sqrt(1 - alpha) * b_ref], dim=1).float()
-    a = torch.cat([math.sqrt(alpha) * a_pol, math.sqrt(1 - alpha) * a_ref], dim=0).float()
-    q_b, r_b = torch.linalg.qr(b)          # b = Q_b R_b,   Q_b: m×k
-    q_a, r_a = torch.linalg.qr(a.T)        # aᵀ = Q_a R_a,  Q_a: n×k
-    core = (r_b @ r_a.T).double()          # mixture = Q_b · core · Q_aᵀ, core: k×k
-    u, s, vh = torch.linalg.svd(core)
-    keep = min(rank, s.numel())
-    total = float((s ** 2).sum())
-    discarded = float((s[keep:] ** 2).sum())
-    root = s[:keep].sqrt()
-    new_b = q_b @ (u[:, :keep] * root).to(q_b.dtype)
-    new_a = ((root[:, None] * vh[:keep]).to(q_a.dtype)) @ q_a.T
-    if keep < rank:  # the reference adapter keeps its shape; unused directions are zero.
-        new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], rank - keep)], dim=1)
-        new_a = torch.cat([new_a, new_a.new_zeros(rank - keep, new_a.shape[1])], dim=0)
-    return new_b.to(dtype), new_a.to(dtype), discarded, total
+    dtype = layers[0][0].dtype
+    w_pol, w_ref = math.sqrt(alpha), math.sqrt(1 - alpha)
+    bs, as_ = [], []
+    for b_pol, a_pol, s_pol, b_ref, a_ref, s_ref in layers:
+        r_pol = a_pol.shape[0]
+        b = b_pol.new_empty(b_pol.shape[0], r_pol + b_ref.shape[1], dtype=torch.float32)
+        a = a_pol.new_empty(r_pol + a_ref.shape[0], a_pol.shape[1], dtype=torch.float64)
+        torch.mul(b_pol, w_pol, out=b[:, :r_pol]), torch.mul(b_ref, w_ref, out=b[:, r_pol:])
+        torch.mul(a_pol, w_pol * s_pol, out=a[:r_pol]), torch.mul(a_ref, w_ref * s_ref, out=a[r_pol:])
+        bs.append(b)
+        as_.append(a)
+    gram_b = torch.stack([b.T @ b for b in bs]).double()
+    gram_a = torch.stack([a @ a.T for a in as_])
+    k = gram_a.shape[-1]
+    jitter = 1e-10 * gram_a.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-300
+    r_a = torch.linalg.cholesky(gram_a + jitter[:, None, None] * torch.eye(k, dtype=gram_a.dtype, device=gram_a.device),
+                                upper=True)
+    energy, v = torch.linalg.eigh(r_a @ gram_b @ r_a.mT)   # ascending
+    keep = min(rank, k)
+    v = v[..., -keep:]
+    s_new = torch.tensor([layer[5] for layer in layers], dtype=v.dtype, device=v.device)
+    to_b = ((r_a.mT @ v) / s_new[:, None, None]).float()
+    to_a = torch.linalg.solve_triangular(r_a, v, upper=True).mT
+    mixed = []
+    for b, a, x, y in zip(bs, as_, to_b, to_a):
+        new_b, new_a = b @ x, (y @ a).to(dtype)
+        if keep < rank:  # the reference adapter keeps its shape; unused directions are zero.
+            new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], rank - keep)], dim=1)
+            new_a = torch.cat([new_a, new_a.new_zeros(rank - keep, new_a.shape[1])], dim=0)
+        mixed.append((new_b.to(dtype), new_a))
+    total = float((gram_b * gram_a).sum())  # ‖b·a‖² = tr(bᵀb·a·aᵀ)
+    return mixed, max(total - float(energy[..., -keep:].sum()), 0.0), total
 
 
-def lora_layers(model):
-    """(name, module) for every layer holding both a policy and a reference LoRA adapter."""
-    for name, module in model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is not None and POLICY in lora_a and REFERENCE in lora_a:
-            yield name, module
+def lora_layers(model, dst: str = REFERENCE) -> list:
+    """Every LoRA layer of ``model`` that holds both the policy adapter and adapter ``dst``."""
+    return [module for module in model.modules()
+            if (lora_a := getattr(module, "lora_A", None)) is not None and POLICY in lora_a and dst in lora_a]
 
 
 def effective_delta(module, adapter: str) -> torch.Tensor:
@@ -108,29 +139,44 @@ def effective_delta(module, adapter: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def update_lora_reference(model, alpha: float) -> float:
-    """Apply ΔW_ref ← α·ΔW_θ + (1-α)·ΔW_ref on every adapted layer, in place.
+def copy_adapter(layers: list, dst: str) -> None:
+    """Hard update into adapter ``dst`` (rank ≥ the policy's): s_dst·B_dst·A_dst = s_θ·B_θ·A_θ exactly."""
+    for module in layers:
+        a_pol, b_pol = module.lora_A[POLICY].weight, module.lora_B[POLICY].weight
+        a_dst, b_dst = module.lora_A[dst].weight, module.lora_B[dst].weight
+        r_pol = a_pol.shape[0]
+        a_dst.zero_()
+        b_dst.zero_()  # extra directions of a larger adapter are zero
+        a_dst[:r_pol].copy_(a_pol)
+        b_dst[:, :r_pol].copy_(b_pol * (module.scaling[POLICY] / module.scaling[dst]))
+
+
+@torch.no_grad()
+def update_lora_reference(layers: list, alpha: float) -> float:
+    """Apply ΔW_ref ← α·ΔW_θ + (1-α)·ΔW_ref on every layer of ``lora_layers(model)``, in place.
 
     Returns the fraction of the mixture's energy discarded by the rank truncation (0 when the
     reference rank holds the mixture exactly, as for a hard update into rank ≥ policy rank).
     """
+    def ranks(module):
+        return module.lora_A[POLICY].weight.shape[0], module.lora_A[REFERENCE].weight.shape[0]
+
+    if alpha == 1.0:
+        copied = [module for module in layers if ranks(module)[1] >= ranks(module)[0]]
+        copy_adapter(copied, REFERENCE)
+        layers = [module for module in layers if ranks(module)[1] < ranks(module)[0]]
+    groups: dict[tuple[int, int], list] = {}  # layers by (policy rank, reference rank): one batch each
+    for module in layers:
+        groups.setdefault(ranks(module), []).append(module)
     discarded = total = 0.0
-    for _, module in lora_layers(model):
-        a_pol, b_pol = module.lora_A[POLICY].weight, module.lora_B[POLICY].weight
-        a_ref, b_ref = module.lora_A[REFERENCE].weight, module.lora_B[REFERENCE].weight
-        s_pol, s_ref = module.scaling[POLICY], module.scaling[REFERENCE]
-        r_pol, r_ref = a_pol.shape[0], a_ref.shape[0]
-        if alpha == 1.0 and r_ref >= r_pol:
-            # Hard update: copy, exactly. Extra reference directions are zeroed.
-            a_ref.zero_()
-            b_ref.zero_()
-            a_ref[:r_pol].copy_(a_pol)
-            b_ref[:, :r_pol].copy_(b_pol * (s_pol / s_ref))
-            continue
-        new_b, new_a, lost, energy = mix_low_rank(
-            s_pol * b_pol.float(), a_pol.float(), s_ref * b_ref.float(), a_ref.float(), alpha, r_ref)
-        b_ref.copy_(new_b / s_ref)
-        a_ref.copy_(new_a)
+    for (_, r_ref), modules in groups.items():
+        mixed, lost, energy = mix_low_rank(
+            [(m.lora_B[POLICY].weight, m.lora_A[POLICY].weight, m.scaling[POLICY],
+              m.lora_B[REFERENCE].weight, m.lora_A[REFERENCE].weight, m.scaling[REFERENCE]) for m in modules],
+            alpha, r_ref)
+        for m, (new_b, new_a) in zip(modules, mixed):
+            m.lora_B[REFERENCE].weight.copy_(new_b)
+            m.lora_A[REFERENCE].weight.copy_(new_a)
         discarded += lost
         total += energy
     return discarded / total if total > 0 else 0.0

@@ -56,7 +56,9 @@ def _deltas(run: Path, base: Path):
 
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), run / "policy", adapter_name=POLICY)
     model.load_adapter(run / "reference", adapter_name=REFERENCE)
-    return {name: (effective_delta(m, POLICY), effective_delta(m, REFERENCE)) for name, m in lora_layers(model)}
+    layers = lora_layers(model)
+    return {name: (effective_delta(m, POLICY), effective_delta(m, REFERENCE))
+            for name, m in model.named_modules() if any(m is layer for layer in layers)}
 
 
 def test_hard_update_copies_the_policy_into_the_reference(tmp_path, sft_run, tiny_model):

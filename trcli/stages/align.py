@@ -22,7 +22,7 @@ from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI pr
 from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device, trainable_parameters, using_adapter
 from trcli.runs import Run, inherit
 from trcli.training import Hooks, fit, load_weights, save_weights, shuffled_batches
-from trcli.trust_region import POLICY, REFERENCE, Schedule, update_full_reference, update_lora_reference
+from trcli.trust_region import POLICY, REFERENCE, Schedule, lora_layers, update_full_reference, update_lora_reference
 
 
 def _start_rank(cfg: Config, adapter: str | None) -> int:
@@ -157,13 +157,14 @@ def run(cfg: Config) -> dict:
 
     # The Trust Region update, after each optimizer step (τ counts optimizer steps).
     truncation = {"last": 0.0}
+    layers = lora_layers(model) if frozen is None else []
 
     def after_step(step: int, metrics: dict) -> dict:
         if schedule.due(step, metrics.get("kl/ref")):
             if frozen is not None:
                 truncation["last"] = update_full_reference(model, frozen, schedule.alpha)
             else:
-                truncation["last"] = update_lora_reference(model, schedule.alpha)
+                truncation["last"] = update_lora_reference(layers, schedule.alpha)
             schedule.applied()
             reference = (list(frozen.named_parameters()) if frozen is not None
                          else [(n, p) for n, p in model.named_parameters() if f".{REFERENCE}." in n])
