@@ -5,15 +5,15 @@ applied to the effective weights of each adapted layer, ΔW = s·B·A:
 
     ΔW_ref ← α·ΔW_θ + (1 - α)·ΔW_ref
 
-which is *not* the average of the A and B factors. The mixture is exactly the product of the
-stacked factors [√α·s_θB_θ, √(1-α)·s_refB_ref] · [√α·A_θ; √(1-α)·A_ref]; the R factors of a QR of
-each stack (taken as Cholesky roots of their Gram matrices: CholeskyQR) and an SVD of the small
-core re-factorise it at the reference rank in O((m+n)·r²), all layers' small problems in one batch.
+which is *not* the average of the A and B factors. The mixture is exactly b·D·a for the stacked
+factors b = [B_θ, B_ref], a = [A_θ; A_ref] and a diagonal D of the weights and scalings; a QR of
+the stacks and an SVD of the small core, both taken through k×k Gram matrices (k = r_θ + r_ref),
+re-factorise it at the reference rank in O((m+n)·k²), every layer's small problem in one batch
+(``mix_low_rank``).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -66,62 +66,59 @@ class Schedule:
         self.kl_running = state["kl_running"]
 
 
-def mix_low_rank(layers: list[tuple], alpha: float, rank: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
+def mix_low_rank(layers: list[tuple], alpha: float,
+                 rank: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
     """Factor α·ΔW_θ + (1-α)·ΔW_ref at ``rank`` for a list of layers, ΔW = s·B·A.
 
     Each layer is (B_θ, A_θ, s_θ, B_ref, A_ref, s_ref); all have the same policy rank r_θ and
     reference rank r_ref. Returns each layer's new reference factors (B: m×rank, A: rank×n,
-    in the inputs' dtype) such that s_ref·B·A is the best rank-``rank`` approximation of its
-    exact mixture (exact when the mixture's rank fits), and the discarded and total energies
-    (squared Frobenius norms) summed over the layers.
+    float32 or the inputs' wider dtype) such that s_ref·B·A is the best rank-``rank``
+    approximation of its exact mixture (exact when the mixture's rank fits), and the discarded
+    and total energies (squared Frobenius norms) summed over the layers.
 
-    The mixture is b·a for the stacks b = [√α·B_θ, √(1-α)·B_ref] (m×k) and a = [√α·s_θ·A_θ;
-    √(1-α)·s_ref·A_ref] (k×n), k = r_θ + r_ref. With the QR decomposition aᵀ = Q_a·R_a (R_a
-    taken as the Cholesky root of the Gram matrix a·aᵀ, which is what a QR's R is), b·a =
-    P·Q_aᵀ with P = b·R_aᵀ (m×k). Q_a has orthonormal columns, so the mixture's SVD is P's: the
-    top ``rank`` eigenvectors V of the k×k matrix PᵀP = R_a·(bᵀb)·R_aᵀ give the best
-    approximation P·V·Vᵀ·Q_aᵀ, stored as B = b·(R_aᵀ·V)/s_ref and A = (R_a⁻¹·V)ᵀ·a; the
-    eigenvalues are the squared singular values. Only k×k problems meet LAPACK, all layers in
-    one batched call, and no m×k or k×n temporary is made beyond the two stacks.
+    The mixture is b·D·a for the stacked factors b = [B_θ, B_ref] (m×k), a = [A_θ; A_ref]
+    (k×n), k = r_θ + r_ref, and the diagonal D = diag(α·s_θ, …, (1-α)·s_ref, …). With the QR
+    decomposition aᵀ = Q_a·R_a (R_a taken as the Cholesky root of the Gram matrix a·aᵀ, which
+    is what a QR's R is), b·D·a = P·Q_aᵀ with P = b·D·R_aᵀ (m×k). Q_a has orthonormal columns,
+    so the mixture's SVD is P's: the top ``rank`` eigenvectors V of the k×k matrix
+    PᵀP = R_a·D·(bᵀb)·D·R_aᵀ give the best approximation P·V·Vᵀ·Q_aᵀ, stored as
+    B = b·(D·R_aᵀ·V)/s_ref and A = (R_a⁻¹·V)ᵀ·a; the eigenvalues are the squared singular
+    values. (This is a QR of both stacks and an SVD of the core R_b·D·R_aᵀ, computed through
+    Gram matrices: only k×k problems meet LAPACK, all layers in one batched call.)
 
     A reference copied from the policy makes a's rows dependent and a·aᵀ singular: a jitter of
-    1e-10 of its mean diagonal keeps Cholesky defined, and b·a = (b·R_aᵀ)·(R_a⁻ᵀ·a) holds
-    whatever the jitter. R_a⁻¹ then amplifies rounding up to 1e5-fold, so the a side runs in
-    float64; the b side meets no inverse and runs in float32 (its Gram's rounding moves the
-    singular values by ~1e-7 of the largest, the reported discarded energy with them). The
-    total energy is tr(bᵀb·a·aᵀ), free of the jitter (zero adapters report zero).
+    1e-10 of its mean diagonal keeps Cholesky defined, and b·D·a = (b·D·R_aᵀ)·(R_a⁻ᵀ·a) holds
+    whatever the jitter. The k×k algebra runs in float64, where R_a⁻¹'s amplification of
+    rounding (up to 1e5) is harmless; the m×k and k×n products run in float32 (a copied
+    reference repeats the policy's rows bit for bit, so their cancellation is exact). The total
+    energy is tr(D·bᵀb·D·a·aᵀ), free of the jitter (zero adapters report zero).
     """
-    dtype = layers[0][0].dtype
-    w_pol, w_ref = math.sqrt(alpha), math.sqrt(1 - alpha)
-    bs, as_ = [], []
-    for b_pol, a_pol, s_pol, b_ref, a_ref, s_ref in layers:
-        r_pol = a_pol.shape[0]
-        b = b_pol.new_empty(b_pol.shape[0], r_pol + b_ref.shape[1], dtype=torch.float32)
-        a = a_pol.new_empty(r_pol + a_ref.shape[0], a_pol.shape[1], dtype=torch.float64)
-        torch.mul(b_pol, w_pol, out=b[:, :r_pol]), torch.mul(b_ref, w_ref, out=b[:, r_pol:])
-        torch.mul(a_pol, w_pol * s_pol, out=a[:r_pol]), torch.mul(a_ref, w_ref * s_ref, out=a[r_pol:])
-        bs.append(b)
-        as_.append(a)
+    dtype = torch.promote_types(torch.float32, torch.promote_types(layers[0][0].dtype, layers[0][3].dtype))
+    bs = [torch.cat([b_pol, b_ref], dim=1).to(dtype) for b_pol, _, _, b_ref, _, _ in layers]
+    as_ = [torch.cat([a_pol, a_ref], dim=0).to(dtype) for _, a_pol, _, _, a_ref, _ in layers]
+    d = torch.tensor([[alpha * s_pol] * a_pol.shape[0] + [(1 - alpha) * s_ref] * a_ref.shape[0]
+                      for _, a_pol, s_pol, _, a_ref, s_ref in layers], dtype=torch.float64, device=bs[0].device)
     gram_b = torch.stack([b.T @ b for b in bs]).double()
-    gram_a = torch.stack([a @ a.T for a in as_])
+    gram_a = torch.stack([a @ a.T for a in (a.double() for a in as_)])  # float64: Cholesky of a singular Gram
     k = gram_a.shape[-1]
     jitter = 1e-10 * gram_a.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-300
-    r_a = torch.linalg.cholesky(gram_a + jitter[:, None, None] * torch.eye(k, dtype=gram_a.dtype, device=gram_a.device),
-                                upper=True)
-    energy, v = torch.linalg.eigh(r_a @ gram_b @ r_a.mT)   # ascending
+    eye = torch.eye(k, dtype=gram_a.dtype, device=gram_a.device)
+    r_a = torch.linalg.cholesky(gram_a + jitter[:, None, None] * eye, upper=True)
+    dr = d[:, :, None] * r_a.mT                                     # D·R_aᵀ
+    energy, v = torch.linalg.eigh(dr.mT @ gram_b @ dr)              # ascending
     keep = min(rank, k)
     v = v[..., -keep:]
     s_new = torch.tensor([layer[5] for layer in layers], dtype=v.dtype, device=v.device)
-    to_b = ((r_a.mT @ v) / s_new[:, None, None]).float()
-    to_a = torch.linalg.solve_triangular(r_a, v, upper=True).mT
+    to_b = ((dr @ v) / s_new[:, None, None]).to(dtype)
+    to_a = torch.linalg.solve_triangular(r_a, v, upper=True).mT.to(dtype)
     mixed = []
     for b, a, x, y in zip(bs, as_, to_b, to_a):
-        new_b, new_a = b @ x, (y @ a).to(dtype)
+        new_b, new_a = b @ x, y @ a
         if keep < rank:  # the reference adapter keeps its shape; unused directions are zero.
             new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], rank - keep)], dim=1)
             new_a = torch.cat([new_a, new_a.new_zeros(rank - keep, new_a.shape[1])], dim=0)
-        mixed.append((new_b.to(dtype), new_a))
-    total = float((gram_b * gram_a).sum())  # ‖b·a‖² = tr(bᵀb·a·aᵀ)
+        mixed.append((new_b, new_a))
+    total = float((d[:, :, None] * gram_b * d[:, None, :] * gram_a).sum())  # ‖b·D·a‖² = tr(D·bᵀb·D·a·aᵀ)
     return mixed, max(total - float(energy[..., -keep:].sum()), 0.0), total
 
 
