@@ -21,7 +21,7 @@ import torch
 
 from trcli import distributed
 from trcli.config import Config
-from trcli.errors import TrcliError
+from trcli.errors import TrcliError, UsageError
 from trcli.runs import atomic_path
 
 STATE = "trainer_state.pt"
@@ -48,6 +48,17 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*")
              if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / STATE).is_file()]
     return max(found)[1] if found else None
+
+
+def check_fresh_start(cfg: Config) -> None:
+    """Refuse to start a run over an earlier run's checkpoints: they would survive next to the new
+    ones, and a later --resume would continue whichever is latest. Called before anything is written."""
+    if cfg.train.resume or cfg.output is None:
+        return
+    found = latest_checkpoint(Path(cfg.output))
+    if found is not None:
+        raise UsageError(f"{cfg.output}: holds {found.name} of an earlier run; pass --resume to continue it, "
+                         "or choose another --output")
 
 
 def total_steps(cfg: Config, micro_per_epoch: int) -> int:

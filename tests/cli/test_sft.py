@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import metrics, ok
+from conftest import metrics, ok, run_cli
 
 
 def test_sft_learns_and_reports_eval_loss(tmp_path, tiny_model, prep_run):
@@ -49,6 +49,13 @@ def test_resume_continues_exactly(tmp_path, tiny_model, prep_run):
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert [r["loss"] for r in metrics(tmp_path / "cut")] == [r["loss"] for r in metrics(tmp_path / "full")]
+
+    # Without --resume, a run directory holding checkpoints is refused before anything is written.
+    before = {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()}
+    result = run_cli(*args, "-o", tmp_path / "cut")
+    assert result.exit_code == 2 and "checkpoint-4 of an earlier run" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in (tmp_path / "cut").rglob("*") if p.is_file()} == before
 
 
 def test_packing_gives_the_same_training_as_padded_rows(tmp_path, tiny_model, prep_run):

@@ -21,7 +21,7 @@ from trcli.errors import UsageError
 from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device, trainable_parameters, using_adapter
 from trcli.runs import Run, inherit
-from trcli.training import Hooks, fit, load_weights, save_weights, shuffled_batches
+from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_weights, shuffled_batches
 from trcli.trust_region import POLICY, REFERENCE, Schedule, lora_layers, update_full_reference, update_lora_reference
 
 
@@ -66,6 +66,7 @@ def run(cfg: Config) -> dict:
     start = {"adapter": up.get("adapter"), "weights": up.get("weights")}
     policy_rank = _start_rank(cfg, start["adapter"])
     ref_rank = align.ref_rank or (2 * policy_rank if schedule.mode == "soft" else policy_rank)
+    check_fresh_start(cfg)
     run_dir = Run("align", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)
     run_dir.add_input("start", start["adapter"] or start["weights"])

@@ -19,7 +19,7 @@ from trcli.modeling import build_for_training, load_tokenizer, no_dropout, pick_
 from trcli.runs import Run, inherit
 from trcli.trust_region import POLICY
 from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
-from trcli.training import Hooks, fit, load_weights, save_weights, shuffled_batches
+from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_weights, shuffled_batches
 
 
 def run(cfg: Config) -> dict:
@@ -40,6 +40,7 @@ def run(cfg: Config) -> dict:
     train_rows = enc(as_kind(data["train"], "sft"))
     test_rows = enc(as_kind(data["test"], "sft")) if "test" in data else []
 
+    check_fresh_start(cfg)
     run_dir = Run("sft", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)
     model, _ = build_for_training(cfg, device, start={}, reference=False)
