@@ -32,6 +32,7 @@ import argparse
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -190,6 +191,7 @@ def run_trcli(system: str, setup: dict, work: Path, max_length: int) -> dict:
                   "tau": 1, "beta": BETA},
         "output": str(work / system),
     })
+    shutil.rmtree(work / system, ignore_errors=True)  # every repeat is a fresh run, not a resume
     if system == "trcli-flops":
         from torch.utils.flop_counter import FlopCounterMode
 

@@ -107,7 +107,8 @@ def attach_policy(base, model_cfg: ModelConfig, start_adapter: str | None):
 
 
 def add_frozen_adapter(model, name: str, model_cfg: ModelConfig, rank: int) -> None:
-    """A frozen fp32 adapter on the policy's layers, set equal to the policy (exact copy)."""
+    """A frozen fp32 adapter on the policy's layers: the reference, set equal to the policy (truncated
+    to ``rank`` if that is below the policy's), or INIT, a copy of the starting reference."""
     policy_cfg = model.peft_config[POLICY]
     cfg = copy.deepcopy(policy_cfg)
     cfg.r, cfg.lora_alpha, cfg.inference_mode = rank, rank, True  # scaling 1: ΔW = B·A
@@ -120,7 +121,7 @@ def add_frozen_adapter(model, name: str, model_cfg: ModelConfig, rank: int) -> N
     if name == REFERENCE:
         update_lora_reference(layers, 1.0)  # a copy, truncated if --ref-rank is below the policy's rank
     else:
-        copy_adapter(layers, name)
+        copy_adapter(layers, name, src=REFERENCE)
 
 
 @contextmanager
@@ -189,7 +190,7 @@ def build_for_training(cfg: Config, device: torch.device, start: dict, reference
         policy_rank = model.peft_config[POLICY].r
         add_frozen_adapter(model, REFERENCE, cfg.model, ref_rank or policy_rank)
         if keep_init:
-            add_frozen_adapter(model, INIT, cfg.model, policy_rank)
+            add_frozen_adapter(model, INIT, cfg.model, min(policy_rank, ref_rank or policy_rank))
     model.base_model.set_adapter(POLICY)  # re-freeze: only the policy trains
     for name, param in model.named_parameters():
         param.requires_grad_(f".{POLICY}." in name)

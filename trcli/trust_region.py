@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 POLICY, REFERENCE = "policy", "reference"
+CHUNK = 32  # layers mixed in one batch by update_lora_reference
 
 
 @dataclass
@@ -66,15 +67,18 @@ class Schedule:
         self.kl_running = state["kl_running"]
 
 
-def mix_low_rank(layers: list[tuple], alpha: float,
-                 rank: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
+def mix_low_rank(layers: list[tuple], alpha: float, rank: int,
+                 out: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+                 ) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float, float]:
     """Factor α·ΔW_θ + (1-α)·ΔW_ref at ``rank`` for a list of layers, ΔW = s·B·A.
 
     Each layer is (B_θ, A_θ, s_θ, B_ref, A_ref, s_ref); all have the same policy rank r_θ and
     reference rank r_ref. Returns each layer's new reference factors (B: m×rank, A: rank×n,
     float32 or the inputs' wider dtype) such that s_ref·B·A is the best rank-``rank``
     approximation of its exact mixture (exact when the mixture's rank fits), and the discarded
-    and total energies (squared Frobenius norms) summed over the layers.
+    and total energies (squared Frobenius norms) summed over the layers. With ``out`` (each
+    layer's (B, A) to overwrite, e.g. the reference adapter's own weights) the factors are
+    written there and no other m×rank or rank×n tensor is made.
 
     The mixture is b·D·a for the stacked factors b = [B_θ, B_ref] (m×k), a = [A_θ; A_ref]
     (k×n), k = r_θ + r_ref, and the diagonal D = diag(α·s_θ, …, (1-α)·s_ref, …). With the QR
@@ -88,10 +92,11 @@ def mix_low_rank(layers: list[tuple], alpha: float,
 
     A reference copied from the policy makes a's rows dependent and a·aᵀ singular: a jitter of
     1e-10 of its mean diagonal keeps Cholesky defined, and b·D·a = (b·D·R_aᵀ)·(R_a⁻ᵀ·a) holds
-    whatever the jitter. The k×k algebra runs in float64, where R_a⁻¹'s amplification of
+    whatever the jitter (whose floor keeps R_a⁻¹ finite even for all-zero A). The k×k algebra runs in float64, where R_a⁻¹'s amplification of
     rounding (up to 1e5) is harmless; the m×k and k×n products run in float32 (a copied
-    reference repeats the policy's rows bit for bit, so their cancellation is exact). The total
-    energy is tr(D·bᵀb·D·a·aᵀ), free of the jitter (zero adapters report zero).
+    reference repeats the policy's rows bit for bit, so their cancellation is exact). The
+    discarded energy is the sum of the dropped eigenvalues; the total is tr(D·bᵀb·D·a·aᵀ), free
+    of the jitter (zero adapters report zero).
     """
     dtype = torch.promote_types(torch.float32, torch.promote_types(layers[0][0].dtype, layers[0][3].dtype))
     bs = [torch.cat([b_pol, b_ref], dim=1).to(dtype) for b_pol, _, _, b_ref, _, _ in layers]
@@ -101,7 +106,7 @@ def mix_low_rank(layers: list[tuple], alpha: float,
     gram_b = torch.stack([b.T @ b for b in bs]).double()
     gram_a = torch.stack([a @ a.T for a in (a.double() for a in as_)])  # float64: Cholesky of a singular Gram
     k = gram_a.shape[-1]
-    jitter = 1e-10 * gram_a.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-300
+    jitter = 1e-10 * gram_a.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30  # floor: R_a⁻¹ stays finite in float32
     eye = torch.eye(k, dtype=gram_a.dtype, device=gram_a.device)
     r_a = torch.linalg.cholesky(gram_a + jitter[:, None, None] * eye, upper=True)
     dr = d[:, :, None] * r_a.mT                                     # D·R_aᵀ
@@ -111,15 +116,15 @@ def mix_low_rank(layers: list[tuple], alpha: float,
     s_new = torch.tensor([layer[5] for layer in layers], dtype=v.dtype, device=v.device)
     to_b = ((dr @ v) / s_new[:, None, None]).to(dtype)
     to_a = torch.linalg.solve_triangular(r_a, v, upper=True).mT.to(dtype)
-    mixed = []
-    for b, a, x, y in zip(bs, as_, to_b, to_a):
-        new_b, new_a = b @ x, y @ a
+    mixed = out or [(b.new_empty(b.shape[0], rank), a.new_empty(rank, a.shape[1])) for b, a in zip(bs, as_)]
+    for b, a, x, y, (new_b, new_a) in zip(bs, as_, to_b, to_a, mixed):
         if keep < rank:  # the reference adapter keeps its shape; unused directions are zero.
-            new_b = torch.cat([new_b, new_b.new_zeros(new_b.shape[0], rank - keep)], dim=1)
-            new_a = torch.cat([new_a, new_a.new_zeros(rank - keep, new_a.shape[1])], dim=0)
-        mixed.append((new_b, new_a))
+            new_b[:, keep:], new_a[keep:] = 0, 0
+            new_b, new_a = new_b[:, :keep], new_a[:keep]
+        torch.mm(b, x, out=new_b)
+        torch.mm(y, a, out=new_a)
     total = float((d[:, :, None] * gram_b * d[:, None, :] * gram_a).sum())  # ‖b·D·a‖² = tr(D·bᵀb·D·a·aᵀ)
-    return mixed, max(total - float(energy[..., -keep:].sum()), 0.0), total
+    return mixed, float(energy[..., :k - keep].clamp_min(0).sum()), total
 
 
 def lora_layers(model, dst: str = REFERENCE) -> list:
@@ -136,16 +141,18 @@ def effective_delta(module, adapter: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def copy_adapter(layers: list, dst: str) -> None:
-    """Hard update into adapter ``dst`` (rank ≥ the policy's): s_dst·B_dst·A_dst = s_θ·B_θ·A_θ exactly."""
+def copy_adapter(layers: list, dst: str, src: str = POLICY) -> None:
+    """Copy adapter ``src`` into ``dst`` factor by factor: s_dst·B_dst·A_dst = s_src·B_src·A_src
+    exactly when ``dst``'s rank holds ``src``'s used directions (the first min of the two ranks;
+    a hard update copies the policy into a reference of rank ≥ the policy's)."""
     for module in layers:
-        a_pol, b_pol = module.lora_A[POLICY].weight, module.lora_B[POLICY].weight
+        a_src, b_src = module.lora_A[src].weight, module.lora_B[src].weight
         a_dst, b_dst = module.lora_A[dst].weight, module.lora_B[dst].weight
-        r_pol = a_pol.shape[0]
+        r = min(a_src.shape[0], a_dst.shape[0])
         a_dst.zero_()
         b_dst.zero_()  # extra directions of a larger adapter are zero
-        a_dst[:r_pol].copy_(a_pol)
-        b_dst[:, :r_pol].copy_(b_pol * (module.scaling[POLICY] / module.scaling[dst]))
+        a_dst[:r].copy_(a_src[:r])
+        b_dst[:, :r].copy_(b_src[:, :r] * (module.scaling[src] / module.scaling[dst]))
 
 
 @torch.no_grad()
@@ -162,18 +169,20 @@ def update_lora_reference(layers: list, alpha: float) -> float:
         copied = [module for module in layers if ranks(module)[1] >= ranks(module)[0]]
         copy_adapter(copied, REFERENCE)
         layers = [module for module in layers if ranks(module)[1] < ranks(module)[0]]
-    groups: dict[tuple[int, int], list] = {}  # layers by (policy rank, reference rank): one batch each
+    # Layers by (policy rank, reference rank), in batches of CHUNK: one LAPACK call each, and the
+    # stacked copies of at most CHUNK layers alive at once.
+    groups: dict[tuple[int, int], list[list]] = {}
     for module in layers:
-        groups.setdefault(ranks(module), []).append(module)
+        group = groups.setdefault(ranks(module), [[]])
+        if len(group[-1]) == CHUNK:
+            group.append([])
+        group[-1].append(module)
     discarded = total = 0.0
-    for (_, r_ref), modules in groups.items():
-        mixed, lost, energy = mix_low_rank(
-            [(m.lora_B[POLICY].weight, m.lora_A[POLICY].weight, m.scaling[POLICY],
-              m.lora_B[REFERENCE].weight, m.lora_A[REFERENCE].weight, m.scaling[REFERENCE]) for m in modules],
-            alpha, r_ref)
-        for m, (new_b, new_a) in zip(modules, mixed):
-            m.lora_B[REFERENCE].weight.copy_(new_b)
-            m.lora_A[REFERENCE].weight.copy_(new_a)
+    for (_, r_ref), modules in ((key, chunk) for key, chunks in groups.items() for chunk in chunks):
+        refs = [(m.lora_B[REFERENCE].weight, m.lora_A[REFERENCE].weight) for m in modules]
+        _, lost, energy = mix_low_rank(
+            [(m.lora_B[POLICY].weight, m.lora_A[POLICY].weight, m.scaling[POLICY], b, a, m.scaling[REFERENCE])
+             for m, (b, a) in zip(modules, refs)], alpha, r_ref, out=refs)  # the stacks are copies: safe
         discarded += lost
         total += energy
     return discarded / total if total > 0 else 0.0

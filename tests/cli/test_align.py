@@ -110,6 +110,23 @@ def test_gradients_reach_only_the_policy_adapter(sft_run):
         assert (p.grad is not None) == (f".{POLICY}." in n), n
 
 
+@pytest.mark.parametrize("ref_rank", [2, 16])  # below and above the SFT adapter's rank
+def test_the_starting_reference_for_kl_init_is_the_reference_as_built(sft_run, ref_rank):
+    from trcli.config import load
+    from trcli.modeling import INIT, build_for_training
+
+    cfg = load(None, {"model.name_or_path": json.loads((sft_run / "trcli-run.json").read_text())["config"]["model"]["name_or_path"]})
+    model, _ = build_for_training(cfg, torch.device("cpu"), {"adapter": str(sft_run / "adapter")},
+                                  reference=True, ref_rank=ref_rank, keep_init=True)
+    layers = lora_layers(model, INIT)
+    assert layers
+    for m in layers:
+        reference = effective_delta(m, REFERENCE)
+        assert torch.equal(effective_delta(m, INIT), reference)
+        exact = torch.allclose(reference, effective_delta(m, POLICY), atol=1e-6)
+        assert exact == (ref_rank >= m.lora_A[POLICY].weight.shape[0])  # a rank-2 reference is truncated
+
+
 def test_outputs_are_standard_peft_folders_and_the_manifest_chains(tmp_path, sft_run):
     out = tmp_path / "run"
     result = align(out, sft_run, "--method", "tr-ipo", "--json")

@@ -74,6 +74,9 @@ def test_reference_copied_from_policy_and_zero_adapters_mix_exactly():
     assert ((b @ a - bp @ ap).norm() / (bp @ ap).norm()).item() < 1e-6 and lost < 1e-9
     [(b, a)], lost, total = mix_low_rank([(torch.zeros(30, 4), ap, 1.0, torch.zeros(30, 8), ar, 1.0)], alpha=0.6, rank=8)
     assert torch.equal(b @ a, torch.zeros(30, 20)) and lost == total == 0.0
+    zeros = (torch.zeros(30, 4), torch.zeros(4, 20), 2.0, torch.zeros(30, 8), torch.zeros(8, 20), 1.0)  # A = 0 too
+    [(b, a)], lost, total = mix_low_rank([zeros], alpha=0.6, rank=8)
+    assert torch.equal(b @ a, torch.zeros(30, 20)) and torch.isfinite(a).all() and lost == total == 0.0
 
 
 def test_schedule_first_update_at_tau_and_every_tau_after():
@@ -134,5 +137,20 @@ def test_update_on_peft_layers_is_the_best_approximation_of_the_dense_mixture(al
         tails = [_best_tail(dense, r_ref) for dense in expected]
         for m, dense, (tail, _) in zip(layers, expected, tails):
             assert tail > 0  # the rank truncation is real: min(m, n) = 10 > r_ref
+            assert ((effective_delta(m, REFERENCE) - dense).norm() ** 2).item() == pytest.approx(tail, rel=1e-3)
+    assert lost == pytest.approx(sum(t for t, _ in tails) / sum(e for _, e in tails), rel=1e-4)
+
+
+def test_layers_beyond_one_chunk_are_all_updated(monkeypatch):
+    import trcli.trust_region as tr
+
+    monkeypatch.setattr(tr, "CHUNK", 1)  # two layers: two batches
+    model = _two_adapters(r_ref=8)
+    layers = lora_layers(model)
+    with torch.no_grad():
+        expected = [0.6 * effective_delta(m, POLICY) + 0.4 * effective_delta(m, REFERENCE) for m in layers]
+        lost = update_lora_reference(layers, 0.6)
+        tails = [_best_tail(dense, 8) for dense in expected]
+        for m, dense, (tail, _) in zip(layers, expected, tails):
             assert ((effective_delta(m, REFERENCE) - dense).norm() ** 2).item() == pytest.approx(tail, rel=1e-3)
     assert lost == pytest.approx(sum(t for t, _ in tails) / sum(e for _, e in tails), rel=1e-4)
