@@ -73,7 +73,7 @@ def mix_low_rank(layers: list[tuple], alpha: float, rank: int,
     """Factor α·ΔW_θ + (1-α)·ΔW_ref at ``rank`` for a list of layers, ΔW = s·B·A.
 
     Each layer is (B_θ, A_θ, s_θ, B_ref, A_ref, s_ref); all have the same policy rank r_θ and
-    reference rank r_ref. Returns each layer's new reference factors (B: m×rank, A: rank×n,
+    reference rank r_ref, and ``rank`` ≤ r_θ + r_ref (the update passes r_ref). Returns each layer's new reference factors (B: m×rank, A: rank×n,
     float32 or the inputs' wider dtype) such that s_ref·B·A is the best rank-``rank``
     approximation of its exact mixture (exact when the mixture's rank fits), and the discarded
     and total energies (squared Frobenius norms) summed over the layers. With ``out`` (each
@@ -90,13 +90,15 @@ def mix_low_rank(layers: list[tuple], alpha: float, rank: int,
     values. (This is a QR of both stacks and an SVD of the core R_b·D·R_aᵀ, computed through
     Gram matrices: only k×k problems meet LAPACK, all layers in one batched call.)
 
-    A reference copied from the policy makes a's rows dependent and a·aᵀ singular: a jitter of
-    1e-10 of its mean diagonal keeps Cholesky defined, and b·D·a = (b·D·R_aᵀ)·(R_a⁻ᵀ·a) holds
-    whatever the jitter (whose floor keeps R_a⁻¹ finite even for all-zero A). The k×k algebra runs in float64, where R_a⁻¹'s amplification of
-    rounding (up to 1e5) is harmless; the m×k and k×n products run in float32 (a copied
-    reference repeats the policy's rows bit for bit, so their cancellation is exact). The
-    discarded energy is the sum of the dropped eigenvalues; the total is tr(D·bᵀb·D·a·aᵀ), free
-    of the jitter (zero adapters report zero).
+    A reference copied from the policy makes a's rows dependent and a·aᵀ singular: a jitter
+    (1e-6 of its mean diagonal) keeps Cholesky defined, and b·D·a = (b·D·R_aᵀ)·(R_a⁻ᵀ·a) holds
+    whatever the jitter. a·aᵀ is computed in float32; where its rounding leaves a Gram
+    indefinite beyond the jitter (rows that nearly coincide), the batch is redone in float64
+    with a jitter of 1e-10. The k×k algebra runs in float64, where R_a⁻¹'s amplification of
+    rounding is harmless; the m×k and k×n products run in float32 (a copied reference repeats
+    the policy's rows bit for bit, so their cancellation is exact). The discarded energy is the
+    sum of the dropped eigenvalues; the total is tr(D·bᵀb·D·a·aᵀ), free of the jitter (zero
+    adapters report zero).
     """
     dtype = torch.promote_types(torch.float32, torch.promote_types(layers[0][0].dtype, layers[0][3].dtype))
     bs = [torch.cat([b_pol, b_ref], dim=1).to(dtype) for b_pol, _, _, b_ref, _, _ in layers]
@@ -104,27 +106,34 @@ def mix_low_rank(layers: list[tuple], alpha: float, rank: int,
     d = torch.tensor([[alpha * s_pol] * a_pol.shape[0] + [(1 - alpha) * s_ref] * a_ref.shape[0]
                       for _, a_pol, s_pol, _, a_ref, s_ref in layers], dtype=torch.float64, device=bs[0].device)
     gram_b = torch.stack([b.T @ b for b in bs]).double()
-    gram_a = torch.stack([a @ a.T for a in (a.double() for a in as_)])  # float64: Cholesky of a singular Gram
-    k = gram_a.shape[-1]
-    jitter = 1e-10 * gram_a.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30  # floor: R_a⁻¹ stays finite in float32
-    eye = torch.eye(k, dtype=gram_a.dtype, device=gram_a.device)
-    r_a = torch.linalg.cholesky(gram_a + jitter[:, None, None] * eye, upper=True)
+    gram_a, r_a = _gram_root(as_, torch.float32, 1e-6)
+    if r_a is None:  # float32 rounding made a Gram indefinite beyond the jitter: redo it in float64
+        gram_a, r_a = _gram_root(as_, torch.float64, 1e-10)
+    if r_a is None:
+        raise FloatingPointError("reference update: a Gram matrix of the LoRA A factors is not finite")
     dr = d[:, :, None] * r_a.mT                                     # D·R_aᵀ
     energy, v = torch.linalg.eigh(dr.mT @ gram_b @ dr)              # ascending
-    keep = min(rank, k)
-    v = v[..., -keep:]
+    v = v[..., -rank:]
     s_new = torch.tensor([layer[5] for layer in layers], dtype=v.dtype, device=v.device)
     to_b = ((dr @ v) / s_new[:, None, None]).to(dtype)
     to_a = torch.linalg.solve_triangular(r_a, v, upper=True).mT.to(dtype)
     mixed = out or [(b.new_empty(b.shape[0], rank), a.new_empty(rank, a.shape[1])) for b, a in zip(bs, as_)]
     for b, a, x, y, (new_b, new_a) in zip(bs, as_, to_b, to_a, mixed):
-        if keep < rank:  # the reference adapter keeps its shape; unused directions are zero.
-            new_b[:, keep:], new_a[keep:] = 0, 0
-            new_b, new_a = new_b[:, :keep], new_a[:keep]
         torch.mm(b, x, out=new_b)
         torch.mm(y, a, out=new_a)
     total = float((d[:, :, None] * gram_b * d[:, None, :] * gram_a).sum())  # ‖b·D·a‖² = tr(D·bᵀb·D·a·aᵀ)
-    return mixed, float(energy[..., :k - keep].clamp_min(0).sum()), total
+    return mixed, float(energy[..., :-rank].clamp_min(0).sum()), total
+
+
+def _gram_root(stacks: list[torch.Tensor], dtype: torch.dtype, jitter: float):
+    """(G, R): the Gram matrices a·aᵀ computed in ``dtype`` (as float64) and upper Cholesky roots R
+    with RᵀR = G + jitter·mean(diag G)·I, or R = None when one is not positive definite. The
+    floor of the jitter keeps R⁻¹ finite in float32 even for an all-zero a."""
+    gram = torch.stack([a @ a.T for a in (a.to(dtype) for a in stacks)]).double()
+    shift = jitter * gram.diagonal(dim1=-2, dim2=-1).mean(-1) + 1e-30
+    eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    root, info = torch.linalg.cholesky_ex(gram + shift[:, None, None] * eye, upper=True)
+    return gram, (None if info.any() else root)
 
 
 def lora_layers(model, dst: str = REFERENCE) -> list:
