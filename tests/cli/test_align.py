@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,3 +233,15 @@ def test_full_fine_tuning_mixes_a_frozen_reference_copy(tmp_path, sft_run):
         assert torch.allclose(reference[name], 0.5 * p + 0.5 * init[name], atol=1e-6), name
         moved += not torch.equal(p, init[name])
     assert moved > 0 and start is not None
+
+
+def test_ref_truncation_reports_the_largest_share_discarded_since_the_last_logged_step(tmp_path, sft_run):
+    # Reference rank 1 below a higher-rank mixture: every soft update truncates, and each one above 5%
+    # prints its share on stderr. Logged every 2 steps, the metric is the larger of each window's two.
+    result = ok("align", "--from", sft_run, *COMMON, "--method", "tr-dpo", "--update", "soft", "--ref-rank", "1",
+                "--max-steps", "4", "--logging-steps", "2", "-o", tmp_path / "run")
+    shares = [float(x) / 100 for x in re.findall(r"discarded ([\d.]+)% of the mixture", result.stderr)]
+    assert len(shares) == 4, result.stderr
+    logged = [row["ref_truncation"] for row in metrics(tmp_path / "run")]
+    assert logged == pytest.approx([max(shares[:2]), max(shares[2:])], abs=6e-4)  # stderr rounds to 0.1%
+    assert shares[0] > shares[1] or shares[2] > shares[3]  # the last update alone would read lower

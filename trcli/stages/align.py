@@ -157,23 +157,30 @@ def run(cfg: Config) -> dict:
         return out
 
     # The Trust Region update, after each optimizer step (τ counts optimizer steps).
-    truncation = {"last": 0.0}
+    # ref_truncation is the largest share discarded by an update since the last logged step (the last
+    # update's when none happened in between).
+    truncation = {"last": 0.0, "window": None}
     layers = lora_layers(model) if frozen is None else []
+    reference_params = (list(frozen.named_parameters()) if frozen is not None
+                        else [(n, p) for n, p in model.named_parameters() if f".{REFERENCE}." in n])
 
     def after_step(step: int, metrics: dict) -> dict:
         if schedule.due(step, metrics.get("kl/ref")):
             if frozen is not None:
-                truncation["last"] = update_full_reference(model, frozen, schedule.alpha)
+                lost = update_full_reference(model, frozen, schedule.alpha)
             else:
-                truncation["last"] = update_lora_reference(layers, schedule.alpha)
+                lost = update_lora_reference(layers, schedule.alpha)
             schedule.applied()
-            reference = (list(frozen.named_parameters()) if frozen is not None
-                         else [(n, p) for n, p in model.named_parameters() if f".{REFERENCE}." in n])
-            distributed.check_replicas(reference, f"the reference after update {schedule.updates}")
-            if truncation["last"] > 0.05:
-                print(f"warning: step {step}: reference rank truncation discarded {truncation['last']:.1%} "
+            distributed.check_replicas(reference_params, f"the reference after update {schedule.updates}")
+            if lost > 0.05:
+                print(f"warning: step {step}: reference rank truncation discarded {lost:.1%} "
                       "of the mixture's energy; raise --ref-rank", file=sys.stderr)
-        return {"ref_updates": schedule.updates, "ref_truncation": truncation["last"]}
+            truncation["last"], truncation["window"] = lost, max(lost, truncation["window"] or 0.0)
+        out = {"ref_updates": schedule.updates,
+               "ref_truncation": truncation["last"] if truncation["window"] is None else truncation["window"]}
+        if step % cfg.train.logging_steps == 0:
+            truncation["window"] = None
+        return out
 
     if frozen is None:
         parts = {"policy": (model, POLICY), "reference": (model, REFERENCE)}
