@@ -193,8 +193,8 @@ def run(cfg: Config) -> dict:
         save=lambda d: save_weights(d, parts),
         load=lambda d: load_weights(d, parts),
         after_step=after_step,
-        extra_state=lambda: {"schedule": schedule.state_dict(), "truncation": truncation["last"]},
-        load_extra_state=lambda s: (schedule.load_state_dict(s["schedule"]), truncation.update(last=s["truncation"])),
+        extra_state=lambda: {"schedule": schedule.state_dict(), "truncation": dict(truncation)},
+        load_extra_state=lambda s: (schedule.load_state_dict(s["schedule"]), truncation.update(s["truncation"])),
     )
     final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks)
 
