@@ -166,6 +166,8 @@ def _training_flags(**kw) -> dict[str, Any]:
         flags["model.lora"] = False
     if kw.get("resume"):
         flags["train.resume"] = True
+    if kw.get("fsdp"):
+        flags["train.fsdp"] = True
     return flags
 
 
@@ -198,6 +200,7 @@ def sft(
     eval_steps: Optional[int] = typer.Option(None), packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
     device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With --no-lora under torchrun: shard the model with FSDP."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit."),
     device_memory: Optional[str] = typer.Option(None, help="With --dry-run: e.g. 80GB."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
@@ -242,6 +245,7 @@ def align(
     logging_steps: Optional[int] = typer.Option(None), save_steps: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
+    fsdp: bool = typer.Option(False, "--fsdp", help="With --no-lora under torchrun: shard the model with FSDP."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit."),
     device_memory: Optional[str] = typer.Option(None, help="With --dry-run: e.g. 80GB."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,

@@ -81,6 +81,7 @@ class TrainConfig(Section):
     resume: bool = False
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
+    fsdp: bool = Field(False, description="Shard full fine-tuning with FSDP across the launched processes.")
     dry_run: bool = Field(False, description="Print the memory plan and exit.")
     device_memory: str | None = Field(None, description="Device memory for the plan, e.g. 80GB.")
 

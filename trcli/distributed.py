@@ -1,4 +1,5 @@
-"""Data parallelism under `torchrun` / `accelerate launch`: replicated model, sharded batches.
+"""Data parallelism under `torchrun` / `accelerate launch`: replicated (or, with FSDP, sharded)
+model, sharded batches.
 
 Every process holds the whole model (LoRA / QLoRA adapters and their reference, or the full
 model). ``train.batch_size`` is the global micro-batch: each rank takes its contiguous slice,
@@ -11,6 +12,10 @@ run when they differ. Only rank 0 writes files.
 Gradients are reduced by hand rather than through DistributedDataParallel because the policy,
 the reference and the starting reference are passes of one module with different adapters
 active: DDP would hook every forward, including the reference passes.
+
+With FSDP (``--fsdp`` or accelerate's FSDP config; full fine-tuning only) policy, reference and
+starting reference are sharded alike (:func:`shard_model`): FSDP reduce-scatters the gradients,
+the reference update is shard-local, and checkpoints gather whole state dicts on rank 0.
 """
 
 from __future__ import annotations
@@ -54,15 +59,20 @@ def log(msg: str) -> None:
     print(prefix + msg, file=sys.stderr, flush=True)
 
 
-def setup(device: str) -> None:
+def setup(device: str, fsdp: bool = False, lora: bool = True) -> bool:
     """Join the process group a launcher described (RANK / WORLD_SIZE / MASTER_ADDR in the
-    environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process."""
+    environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process. Returns whether
+    to shard the model with FSDP: ``--fsdp`` or accelerate's FSDP config, full fine-tuning only,
+    and only with several processes."""
+    fsdp = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    if fsdp and lora:
+        raise UsageError("FSDP shards full fine-tuning (--no-lora); LoRA / QLoRA adapters are small and "
+                         "replicated: use recipes/accelerate/ddp.yaml or plain torchrun")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
-        return
-    for flag, name in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(flag, "").lower() == "true":
-            raise UsageError(f"accelerate launched trcli with {name}, which trcli's training loop does not "
-                             "shard (see docs/scale.md); use recipes/accelerate/ddp.yaml")
+        return fsdp and world_size() > 1
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise UsageError("accelerate launched trcli with DeepSpeed, which trcli's training loop does not "
+                         "shard (see docs/scale.md); use recipes/accelerate/fsdp.yaml or ddp.yaml")
     import torch.distributed as dist
 
     cuda = device != "cpu" and torch.cuda.is_available()
@@ -70,7 +80,68 @@ def setup(device: str) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    log(f"joined the {dist.get_backend()} process group")
+    log(f"joined the {dist.get_backend()} process group" + (", sharding with FSDP" if fsdp else ""))
+    return fsdp
+
+
+def is_sharded(tensor_or_module) -> bool:
+    """A DTensor (an FSDP-sharded parameter), or a module holding any."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tensor_or_module, torch.nn.Module):
+        return any(isinstance(p, DTensor) for p in tensor_or_module.parameters())
+    return isinstance(tensor_or_module, DTensor)
+
+
+def shard_model(model: torch.nn.Module) -> None:
+    """FSDP2 over the ranks: each transformer block (the model's ``_no_split_modules``), then the
+    root. Gradients are summed, not averaged, across ranks (divide factor 1): each rank's loss
+    already carries its share of the global mean, as in the replicated path. Policy, reference and
+    starting reference are sharded alike, so the reference update θ_ref ← α·θ + (1-α)·θ_ref is
+    shard-local: no parameter is ever gathered for it."""
+    from torch.distributed.fsdp import fully_shard
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise UsageError(f"FSDP: {type(model).__name__} names no transformer blocks (_no_split_modules)")
+    for module in [*blocks, model]:
+        fully_shard(module, reshard_after_forward=True)  # the root too: after any pass, only shards remain
+        module.set_gradient_divide_factor(1.0)
+        module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
+
+
+def full_state_dict(model: torch.nn.Module) -> dict | None:
+    """The whole state dict of an FSDP-sharded model, on rank 0's CPU (collective: every rank calls)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return state if is_main() else None
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
+    """Inverse of :func:`full_state_dict`: every rank passes the whole dict and keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state for a checkpoint: gathered whole on rank 0 when the model is sharded."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 def check_batch_size(batch_size: int) -> None:
@@ -101,7 +172,8 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients over ranks, in buckets of at most BUCKET elements per dtype. A rank whose
     shard was empty contributes zeros."""
     dist = _dist()
-    if dist is None:
+    params = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters sharded gradients itself
+    if dist is None or not params:
         return
     for p in params:
         if p.grad is None:
@@ -167,6 +239,7 @@ def check_replicas(named: list[tuple[str, torch.Tensor]], what: str, announce: b
     dist = _dist()
     if dist is None:
         return
+    named = [(n, t) for n, t in named if not is_sharded(t)]  # shards differ by design
     mine = fingerprint([t for _, t in named])
     gathered = [torch.empty_like(mine, device=_comm_device()) for _ in range(world_size())]
     dist.all_gather(gathered, mine.to(_comm_device()))

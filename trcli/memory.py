@@ -210,6 +210,13 @@ def estimate(cfg: Config, stage: str, world_size: int = 1) -> dict:
                 rows.append(("starting reference (fp32)", shape.params() * 4, "kept for kl/init"))
     rows.append(("gradients", trainable * grad_bytes, ""))
     rows.append(("optimizer (AdamW)", 2 * trainable * grad_bytes, "two moments per trainable parameter"))
+    if t.fsdp and not m.lora and world_size > 1:
+        # FSDP: every full-size row above is sharded over the processes; a pass gathers one
+        # transformer block at a time (and prefetches the next).
+        rows = [(item, -(-size // world_size), f"{note}; 1/{world_size} per device (FSDP)".lstrip("; "))
+                for item, size, note in rows]
+        block = (shape.params() - shape.other_params()) // max(1, shape.layers)
+        rows.append(("gathered blocks (FSDP, transient)", 2 * block * 4, "one block and the prefetched next, fp32"))
 
     # Activations of the policy pass, with and without gradient checkpointing.
     tokens = seqs * length

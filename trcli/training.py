@@ -120,6 +120,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         raise TrcliError("no training batches")
     steps = total_steps(cfg, micro_per_epoch)
     distributed.check_batch_size(train.batch_size)
+    sharded = distributed.is_sharded(model)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
                               num_training_steps=steps)
@@ -130,7 +131,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE, weights_only=False)
         hooks.load(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -146,13 +147,16 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     def save_checkpoint(step: int) -> Path:
         target = run_dir / f"checkpoint-{step}"
         distributed.check_replicas(replicated, f"the weights at step {step}")
+        optimizer_state = distributed.optimizer_state(model, optimizer)  # collective under FSDP
         if distributed.is_main():
             with atomic_path(target) as tmp:
                 tmp.mkdir()
                 hooks.save(tmp)
-                torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                             "extra": hooks.extra_state()}, tmp / STATE)
+        else:
+            hooks.save(target)  # under FSDP saving gathers on every rank; only rank 0 writes
         distributed.barrier()
         return target
 
@@ -175,14 +179,21 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         bad = None
         for micro in range(train.grad_accum):
             # Each rank takes its slice of the global micro-batch (all of it in one process).
-            batch, share = distributed.shard(micro_batch((step - 1) * train.grad_accum + micro), hooks.loss_weight)
-            if not batch:  # a last batch smaller than the number of ranks: this rank adds zeros
-                continue
+            whole = micro_batch((step - 1) * train.grad_accum + micro)
+            batch, share = distributed.shard(whole, hooks.loss_weight)
+            stand_in = not batch
+            if stand_in:  # a last batch smaller than the number of ranks: this rank adds zeros
+                if not sharded:
+                    continue
+                # FSDP's passes are collective, so this rank still runs one, on the whole batch, counted 0.
+                batch, share = whole, 0.0
             loss, metrics = hooks.step_fn(batch, logging)
             if not torch.isfinite(loss):
                 bad = loss.item()
                 break
             (loss * share / train.grad_accum).backward()
+            if stand_in:
+                continue
             window_tokens += metrics.pop("tokens", 0)
             for key, value in metrics.items():
                 window.setdefault(key, []).append(float(value))
@@ -192,6 +203,8 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                              f"stopped (last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
         distributed.all_reduce_grads(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+        if distributed.is_sharded(grad_norm):
+            grad_norm = grad_norm.full_tensor()
         window.setdefault("grad_norm", []).append(float(grad_norm))
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
@@ -253,15 +266,18 @@ def shuffled_batches(items: list, batch_size: int, seed: int, min_size: int = 1)
 
 def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | None]]) -> None:
     """Write each part into ``directory/<folder>``: a standard PEFT adapter folder when an adapter
-    name is given (``PeftModel.from_pretrained`` loads it), else full HF weights. Rank 0 only."""
+    name is given (``PeftModel.from_pretrained`` loads it), else full HF weights. Rank 0 writes;
+    every rank must call it (FSDP-sharded weights are gathered first)."""
     import shutil
 
+    states = {folder: distributed.full_state_dict(model) for folder, (model, adapter) in parts.items()
+              if adapter is None and distributed.is_sharded(model)}  # collective: every rank gathers
     if not distributed.is_main():
         return
     for folder, (model, adapter) in parts.items():
         target = Path(directory) / folder
         if adapter is None:
-            model.save_pretrained(str(target))
+            model.save_pretrained(str(target), state_dict=states.get(folder))
             continue
         staging = Path(directory) / f".{folder}.staging"
         model.save_pretrained(str(staging), selected_adapters=[adapter])
@@ -273,11 +289,17 @@ def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | 
 @torch.no_grad()
 def load_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | None]]) -> None:
     """Inverse of :func:`save_weights`, in place."""
+    from transformers import AutoModelForCausalLM
+
     for folder, (model, adapter) in parts.items():
         source = Path(directory) / folder
         if adapter is None:
-            loaded = type(model).from_pretrained(str(source), dtype=next(model.parameters()).dtype)
-            model.load_state_dict(loaded.state_dict())
+            dtype = next(model.parameters()).dtype
+            loaded = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype).state_dict()
+            if distributed.is_sharded(model):
+                distributed.load_full_state_dict(model, loaded)
+            else:
+                model.load_state_dict(loaded)
             continue
         from peft.utils import load_peft_weights, set_peft_model_state_dict
 

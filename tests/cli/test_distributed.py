@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,9 +94,56 @@ def test_accelerate_launch_with_the_shipped_ddp_config_trains_sft_like_one_proce
         torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-6)
 
 
-def test_fsdp_and_deepspeed_launches_are_refused_with_a_reason(tmp_path, sft_run):
-    result = accelerate("fsdp.yaml", *ALIGN, "--from", sft_run, "-o", tmp_path / "x")
-    assert result.returncode != 0 and "trcli align: error: accelerate launched trcli with FSDP" in result.stderr
+def full(run: Path, folder: str) -> dict[str, torch.Tensor]:
+    return load_file(str(run / folder / "model.safetensors"))
+
+
+def test_fsdp_full_fine_tuning_matches_one_process_and_resumes_exactly(tmp_path, tiny_model, prep_run):
+    args = ["align", "--model", tiny_model, "--from", prep_run, "--no-lora", "--method", "tr-dpo", "--update", "soft",
+            "--max-steps", "3", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--logging-steps", "1",
+            "--seed", "3", "--device", "cpu"]
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    ok(*args, "-o", one)
+    result = torchrun(*args, "--fsdp", "-o", two)
+    assert result.returncode == 0, result.stderr
+    assert "[rank 1/2] joined the gloo process group, sharding with FSDP" in result.stderr
+    for folder in ("policy", "reference", "checkpoint-2/policy", "checkpoint-2/reference"):
+        single, double = full(one, folder), full(two, folder)
+        assert single.keys() == double.keys()
+        for key in single:
+            torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=2e-5)
+    for a, b in zip(metrics(one), metrics(two)):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4) and b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    # Not vacuous: the soft updates moved the (sharded) reference away from the starting weights.
+    start = {k: v for k, v in load_file(str(Path(tiny_model) / "model.safetensors")).items()}
+    reference = full(two, "reference")
+    assert any((reference[k] - start[k]).abs().max() > 1e-5 for k in start if k in reference)
+
+    # Killed after the step-2 checkpoint and resumed: the same end, exactly.
+    shutil.copytree(two, cut)
+    for name in ("checkpoint-3", "policy", "reference"):
+        shutil.rmtree(cut / name)
+    result = torchrun(*args, "--fsdp", "--resume", "-o", cut)
+    assert result.returncode == 0, result.stderr
+    for folder in ("policy", "reference"):
+        a, b = full(two, folder), full(cut, folder)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_accelerate_fsdp_config_shards_full_fine_tuning_and_refuses_lora_and_deepspeed(tmp_path, tiny_model, prep_run,
+                                                                                      sft_run):
+    sft = ["sft", "--model", tiny_model, "--from", prep_run, "--no-lora", "--max-steps", "2", "--batch-size", "4",
+           "--lr", "1e-3", "--device", "cpu"]
+    ok(*sft, "-o", tmp_path / "one")
+    result = accelerate("fsdp.yaml", *sft, "-o", tmp_path / "two")
+    assert result.returncode == 0, result.stderr
+    assert "[rank 1/2] joined the gloo process group, sharding with FSDP" in result.stderr
+    single, double = full(tmp_path / "one", "weights"), full(tmp_path / "two", "weights")
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=2e-5)
+
+    result = accelerate("fsdp.yaml", *ALIGN, "--from", sft_run, "-o", tmp_path / "x")  # LoRA
+    assert result.returncode != 0 and "FSDP shards full fine-tuning (--no-lora)" in result.stderr
     # DeepSpeed's launcher needs deepspeed installed; what trcli sees is the same kind of variable.
     env = {"WORLD_SIZE": "2", "RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true"}
     result = run_cli(*ALIGN, "--from", sft_run, "-o", tmp_path / "y", env=env)

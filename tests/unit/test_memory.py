@@ -72,6 +72,21 @@ def test_pythia_12b_qlora_tr_dpo_fits_80gb_and_full_fine_tuning_does_not():
     assert 6.3e9 < weights < 8.2e9
 
 
+def test_fsdp_shards_full_fine_tuning_across_the_processes():
+    flags = {"model.lora": False, "model.gradient_checkpointing": True, "train.batch_size": 8}
+    cfg = {"data.max_length": 1024, "train.device_memory": "80GB", "model.dtype": "bfloat16",
+           "align.method": "tr-dpo", "model.name_or_path": "EleutherAI/pythia-12b", **flags}
+    replicated = estimate(load(None, cfg, environ={}), "align", world_size=8)["plan"]
+    sharded = estimate(load(None, {**cfg, "train.fsdp": True}, environ={}), "align", world_size=8)["plan"]
+    before, after = ({r["item"]: r["bytes"] for r in p["rows"]} for p in (replicated, sharded))
+    for item in ("weights (bfloat16)", "reference copy (fp32)", "starting reference (fp32)", "gradients",
+                 "optimizer (AdamW)"):
+        assert after[item] == -(-before[item] // 8)
+    assert after["gathered blocks (FSDP, transient)"] == pytest.approx(2 * 4 * 12 * 5120 ** 2, rel=0.01)  # 2 fp32 blocks
+    # Full TR-DPO of Pythia-12B with its fp32 reference copies: no single 80 GB GPU, but 8 with FSDP.
+    assert replicated["fits"] is False and sharded["fits"] is True
+
+
 def test_plan_reacts_to_the_settings_that_change_memory():
     soft = _plan(**{"model.quantize": "4bit"})
     rows = {r["item"]: r["bytes"] for r in soft["rows"]}

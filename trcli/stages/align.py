@@ -45,7 +45,7 @@ def run(cfg: Config) -> dict:
         raise UsageError("KTO estimates its KL baseline from mismatched pairs in a batch: "
                          "--batch-size must be >= 2")
     schedule = Schedule.from_config(align)
-    distributed.setup(cfg.train.device)
+    fsdp = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
 
@@ -77,6 +77,10 @@ def run(cfg: Config) -> dict:
         import copy
 
         initial = copy.deepcopy(frozen)
+    if fsdp:  # policy, reference and starting reference sharded alike: the update is shard-local
+        for module in (model, frozen, initial):
+            if module is not None:
+                distributed.shard_model(module)
     pad = tokenizer.pad_token_id
 
     @torch.no_grad()

@@ -30,7 +30,7 @@ def run(cfg: Config) -> dict:
         raise UsageError("sft needs --output DIR")
     if not cfg.data.path:
         raise UsageError("sft needs data: --data PREP_DIR or --from a prep run")
-    distributed.setup(cfg.train.device)
+    fsdp = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
@@ -44,6 +44,8 @@ def run(cfg: Config) -> dict:
     run_dir = Run("sft", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)
     model, _ = build_for_training(cfg, device, start={}, reference=False)
+    if fsdp:
+        distributed.shard_model(model)
     name = "adapter" if cfg.model.lora else "weights"
     parts = {name: (model, POLICY if cfg.model.lora else None)}
     pad = tokenizer.pad_token_id
