@@ -85,13 +85,19 @@ def accelerate(config: str, *args: str) -> subprocess.CompletedProcess:
 def test_accelerate_launch_with_the_shipped_ddp_config_trains_sft_like_one_process(tmp_path, tiny_model, prep_run):
     sft = ["sft", "--model", tiny_model, "--from", prep_run, "--max-steps", "2", "--batch-size", "4",
            "--lr", "3e-3", "--lora-r", "4", "--device", "cpu"]
+    sft_matches_one_process(tmp_path, "ddp.yaml", sft, lambda run: adapter(run, "adapter"), atol=1e-6)
+
+
+def sft_matches_one_process(tmp_path: Path, config: str, sft: list, weights, atol: float) -> str:
+    """Run ``sft`` in one process and under accelerate with ``config``; the results must match."""
     ok(*sft, "-o", tmp_path / "one")
-    result = accelerate("ddp.yaml", *sft, "-o", tmp_path / "two")
+    result = accelerate(config, *sft, "-o", tmp_path / "two")
     assert result.returncode == 0, result.stderr
     assert "[rank 1/2] joined the gloo process group" in result.stderr
-    single, double = adapter(tmp_path / "one", "adapter"), adapter(tmp_path / "two", "adapter")
+    single, double = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in single:
-        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=atol)
+    return result.stderr
 
 
 def full(run: Path, folder: str) -> dict[str, torch.Tensor]:
@@ -134,13 +140,8 @@ def test_accelerate_fsdp_config_shards_full_fine_tuning_and_refuses_lora_and_dee
                                                                                       sft_run):
     sft = ["sft", "--model", tiny_model, "--from", prep_run, "--no-lora", "--max-steps", "2", "--batch-size", "4",
            "--lr", "1e-3", "--device", "cpu"]
-    ok(*sft, "-o", tmp_path / "one")
-    result = accelerate("fsdp.yaml", *sft, "-o", tmp_path / "two")
-    assert result.returncode == 0, result.stderr
-    assert "[rank 1/2] joined the gloo process group, sharding with FSDP" in result.stderr
-    single, double = full(tmp_path / "one", "weights"), full(tmp_path / "two", "weights")
-    for key in single:
-        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=2e-5)
+    stderr = sft_matches_one_process(tmp_path, "fsdp.yaml", sft, lambda run: full(run, "weights"), atol=2e-5)
+    assert "[rank 1/2] joined the gloo process group, sharding with FSDP" in stderr
 
     result = accelerate("fsdp.yaml", *ALIGN, "--from", sft_run, "-o", tmp_path / "x")  # LoRA
     assert result.returncode != 0 and "FSDP shards full fine-tuning (--no-lora)" in result.stderr
