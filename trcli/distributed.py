@@ -172,9 +172,9 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
     """Sum the gradients over ranks, in buckets of at most BUCKET elements per dtype. A rank whose
     shard was empty contributes zeros."""
     dist = _dist()
-    params = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters sharded gradients itself
-    if dist is None or not params:
+    if dist is None:
         return
+    params = [p for p in params if not is_sharded(p)]  # FSDP reduce-scatters sharded gradients itself
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
