@@ -69,6 +69,8 @@ def setup(device: str, fsdp: bool = False, lora: bool = True) -> bool:
         raise UsageError("FSDP shards full fine-tuning (--no-lora); LoRA / QLoRA adapters are small and "
                          "replicated: use recipes/accelerate/ddp.yaml or plain torchrun")
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
+        if fsdp and world_size() == 1:
+            log("--fsdp: one process, nothing to shard; training unsharded")
         return fsdp and world_size() > 1
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise UsageError("accelerate launched trcli with DeepSpeed, which trcli's training loop does not "
@@ -139,6 +141,9 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None
     if not is_sharded(model):
         optimizer.load_state_dict(state)
         return
+    if any(isinstance(key, int) for key in state.get("state", {})):
+        raise UsageError("this checkpoint was written without --fsdp (its optimizer state is per process); "
+                         "resume it without --fsdp")
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

@@ -190,6 +190,8 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             loss, metrics = hooks.step_fn(batch, logging)
             if not torch.isfinite(loss):
                 bad = loss.item()
+            # Under FSDP backward is collective too: the ranks stop before it together, not one by one.
+            if distributed.any_rank(bad is not None) if sharded else bad is not None:
                 break
             (loss * share / train.grad_accum).backward()
             if stand_in:

@@ -135,6 +135,11 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_resumes_exactly(tmp_path,
         a, b = full(two, folder), full(cut, folder)
         assert all(torch.equal(a[k], b[k]) for k in a)
 
+    # A one-process checkpoint keeps its optimizer state per process: resuming it sharded is refused.
+    shutil.rmtree(one / "checkpoint-3")
+    result = torchrun(*args, "--fsdp", "--resume", "-o", one)
+    assert result.returncode != 0 and "trcli align: error: this checkpoint was written without --fsdp" in result.stderr
+
 
 def test_accelerate_fsdp_config_shards_full_fine_tuning_and_refuses_lora_and_deepspeed(tmp_path, tiny_model, prep_run,
                                                                                       sft_run):

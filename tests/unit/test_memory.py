@@ -121,6 +121,12 @@ def test_cli_dry_run_prints_the_table_and_json_without_loading_weights(tmp_path)
               "--dry-run", "--device-memory", "80GB", "--json")
     plan = json.loads(full.stdout)["plan"]
     assert plan["fits"] is False and plan["mode"] == "full"
+    # Under `accelerate launch --config_file recipes/accelerate/fsdp.yaml` the plan is the sharded one.
+    env = {"ACCELERATE_USE_FSDP": "true", "WORLD_SIZE": "8"}
+    sharded = json.loads(ok("align", "--model", "EleutherAI/pythia-12b", "--no-lora", "--dtype", "bfloat16",
+                            "--max-length", "1024", "--batch-size", "8", "--gradient-checkpointing", "--dry-run",
+                            "--device-memory", "80GB", "--json", env=env).stdout)["plan"]
+    assert sharded["fits"] is True and "gathered blocks (FSDP, transient)" in {r["item"] for r in sharded["rows"]}
     sft = json.loads(ok("sft", "--model", "EleutherAI/pythia-410m", "--dry-run", "--json").stdout)["plan"]
     assert {r["item"] for r in sft["rows"]}.isdisjoint({"reference adapter (fp32)", "starting reference (fp32)"})
     assert not list(tmp_path.iterdir())  # nothing written

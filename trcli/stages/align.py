@@ -70,8 +70,9 @@ def run(cfg: Config) -> dict:
     run_dir = Run("align", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)
     run_dir.add_input("start", start["adapter"] or start["weights"])
-    model, frozen = build_for_training(cfg, device, start, reference=True, ref_rank=ref_rank,
-                                       keep_init=schedule.mode != "none")
+    # Under FSDP the whole models are built in host memory; sharding moves each rank's shards to its device.
+    model, frozen = build_for_training(cfg, torch.device("cpu") if fsdp else device, start, reference=True,
+                                       ref_rank=ref_rank, keep_init=schedule.mode != "none")
     initial = None
     if frozen is not None and schedule.mode != "none":
         import copy

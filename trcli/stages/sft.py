@@ -43,7 +43,8 @@ def run(cfg: Config) -> dict:
     check_fresh_start(cfg)
     run_dir = Run("sft", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)
-    model, _ = build_for_training(cfg, device, start={}, reference=False)
+    # Under FSDP the whole model is built in host memory; sharding moves each rank's shards to its device.
+    model, _ = build_for_training(cfg, torch.device("cpu") if fsdp else device, start={}, reference=False)
     if fsdp:
         distributed.shard_model(model)
     name = "adapter" if cfg.model.lora else "weights"
