@@ -59,12 +59,17 @@ def log(msg: str) -> None:
     print(prefix + msg, file=sys.stderr, flush=True)
 
 
+def fsdp_requested(flag: bool) -> bool:
+    """``--fsdp``, or a launch with accelerate's FSDP config (recipes/accelerate/fsdp.yaml)."""
+    return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
 def setup(device: str, fsdp: bool = False, lora: bool = True) -> bool:
     """Join the process group a launcher described (RANK / WORLD_SIZE / MASTER_ADDR in the
     environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process. Returns whether
     to shard the model with FSDP: ``--fsdp`` or accelerate's FSDP config, full fine-tuning only,
     and only with several processes."""
-    fsdp = fsdp or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+    fsdp = fsdp_requested(fsdp)
     if fsdp and lora:
         raise UsageError("FSDP shards full fine-tuning (--no-lora); LoRA / QLoRA adapters are small and "
                          "replicated: use recipes/accelerate/ddp.yaml or plain torchrun")

@@ -263,7 +263,9 @@ def plan_or_none(cfg: Config, stage: str) -> dict | None:
     """The memory plan when --dry-run was asked for, else None."""
     if not cfg.train.dry_run:
         return None
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # launched with accelerate's fsdp.yaml
+    from trcli.distributed import fsdp_requested
+
+    if fsdp_requested(cfg.train.fsdp):  # --fsdp, or launched with accelerate's fsdp.yaml
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fsdp": True})})
     return estimate(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")))
 

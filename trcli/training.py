@@ -35,7 +35,8 @@ class Hooks:
     epoch_batches: Callable[[int], list]                        # the micro-batches of epoch e, in order
     save: Callable[[Path], None]                                # write weights into a directory
     load: Callable[[Path], None]                                # read them back (resume)
-    after_step: Callable[[int, dict], dict] = lambda step, metrics: {}  # e.g. the reference update
+    # After each optimizer step (step, its metrics, whether the step is logged): e.g. the reference update.
+    after_step: Callable[[int, dict, bool], dict] = lambda step, metrics, logging: {}
     extra_state: Callable[[], dict] = dict
     load_extra_state: Callable[[dict], None] = lambda state: None
     evaluate: Callable[[], dict] | None = None
@@ -190,8 +191,10 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             loss, metrics = hooks.step_fn(batch, logging)
             if not torch.isfinite(loss):
                 bad = loss.item()
-            # Under FSDP backward is collective too: the ranks stop before it together, not one by one.
-            if distributed.any_rank(bad is not None) if sharded else bad is not None:
+            stop = bad is not None
+            if sharded:  # under FSDP backward is collective too: the ranks stop before it together
+                stop = distributed.any_rank(stop)
+            if stop:
                 break
             (loss * share / train.grad_accum).backward()
             if stand_in:
@@ -213,7 +216,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         # Averaged over ranks, so that a KL-triggered reference update is decided alike everywhere.
-        extra = hooks.after_step(step, distributed.mean_row({k: v[-1] for k, v in window.items()}))
+        extra = hooks.after_step(step, distributed.mean_row({k: v[-1] for k, v in window.items()}), logging)
         if hooks.evaluate is not None and train.eval_steps and step % train.eval_steps == 0:
             extra.update(hooks.evaluate())
         if logging:

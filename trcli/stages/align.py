@@ -169,7 +169,7 @@ def run(cfg: Config) -> dict:
     reference_params = (list(frozen.named_parameters()) if frozen is not None
                         else [(n, p) for n, p in model.named_parameters() if f".{REFERENCE}." in n])
 
-    def after_step(step: int, metrics: dict) -> dict:
+    def after_step(step: int, metrics: dict, logging: bool) -> dict:
         if schedule.due(step, metrics.get("kl/ref")):
             if frozen is not None:
                 lost = update_full_reference(model, frozen, schedule.alpha)
@@ -183,7 +183,7 @@ def run(cfg: Config) -> dict:
             truncation["last"], truncation["window"] = lost, max(lost, truncation["window"] or 0.0)
         out = {"ref_updates": schedule.updates,
                "ref_truncation": truncation["last"] if truncation["window"] is None else truncation["window"]}
-        if step % cfg.train.logging_steps == 0:
+        if logging:
             truncation["window"] = None
         return out
 
