@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trcli import zero
+
 
 @dataclass
 class Encoded:
@@ -169,8 +171,9 @@ def make_batch(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, devi
 
 
 def _packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    embed = model.get_input_embeddings().weight
-    if model.config._attn_implementation == "sdpa":
+    inner = zero.unwrap(model)  # a DeepSpeed engine runs the forward; the model says how
+    embed = inner.get_input_embeddings().weight
+    if inner.config._attn_implementation == "sdpa":
         mask = batch["allowed"][:, None]
     else:  # eager attention adds the mask to the scores
         mask = torch.zeros(batch["allowed"].shape, dtype=embed.dtype, device=embed.device)
@@ -178,7 +181,7 @@ def _packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
                    logits_to_keep=batch["keep"]).logits
     if logits.dim() != 2:
-        raise RuntimeError(f"{type(model).__name__} ignores boolean logits_to_keep; use collate()")
+        raise RuntimeError(f"{type(inner).__name__} ignores boolean logits_to_keep; use collate()")
     logits = logits.float()
     normaliser = torch.logsumexp(logits, dim=-1)[batch["logit_row"]]
     picked = logits[batch["logit_row"], batch["targets"]]

@@ -157,7 +157,7 @@ def _training_flags(**kw) -> dict[str, Any]:
         "logging_steps": "train.logging_steps", "save_steps": "train.save_steps",
         "eval_steps": "train.eval_steps", "device": "train.device", "max_length": "data.max_length",
         "max_prompt_length": "data.max_prompt_length", "output": "output", "from_run": "from_run",
-        "report_to": "train.report_to", "packing": "train.packing",
+        "report_to": "train.report_to", "packing": "train.packing", "deepspeed": "train.deepspeed",
     }
     flags = {keys[k]: v for k, v in kw.items() if k in keys}
     if kw.get("lora_targets"):
@@ -171,6 +171,7 @@ def _training_flags(**kw) -> dict[str, Any]:
     return flags
 
 
+DeepSpeedOpt = typer.Option(None, "--deepspeed", help="Under torchrun: DeepSpeed ZeRO stage 2 or 3, or a DeepSpeed JSON.")
 _TRAIN_HELP = {
     "model": "Base model: hub id or local path.",
     "data": "A prep output directory.",
@@ -201,6 +202,7 @@ def sft(
     device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With --no-lora under torchrun: shard the model with FSDP."),
+    deepspeed: Optional[str] = DeepSpeedOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit."),
     device_memory: Optional[str] = typer.Option(None, help="With --dry-run: e.g. 80GB."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
@@ -246,6 +248,7 @@ def align(
     device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With --no-lora under torchrun: shard the model with FSDP."),
+    deepspeed: Optional[str] = DeepSpeedOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit."),
     device_memory: Optional[str] = typer.Option(None, help="With --dry-run: e.g. 80GB."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,

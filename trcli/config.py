@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trcli.errors import ConfigError
 
@@ -82,6 +82,12 @@ class TrainConfig(Section):
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     fsdp: bool = Field(False, description="Shard full fine-tuning with FSDP across the launched processes.")
+    deepspeed: str | None = Field(None, description="DeepSpeed ZeRO across the launched processes: 2, 3 or a JSON file.")
+
+    @field_validator("deepspeed", mode="before")
+    @classmethod
+    def _stage_as_text(cls, value):
+        return str(value) if isinstance(value, int) else value
     dry_run: bool = Field(False, description="Print the memory plan and exit.")
     device_memory: str | None = Field(None, description="Device memory for the plan, e.g. 80GB.")
 

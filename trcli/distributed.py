@@ -21,13 +21,17 @@ the reference update is shard-local, and checkpoints gather whole state dicts on
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import sys
-from typing import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
+from trcli import zero
 from trcli.errors import TrcliError, UsageError
 
 BUCKET = 1 << 24  # elements per all-reduce: bounded extra memory for full fine-tuning
@@ -64,40 +68,63 @@ def fsdp_requested(flag: bool) -> bool:
     return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
 
 
-def setup(device: str, fsdp: bool = False, lora: bool = True) -> bool:
+@dataclass(frozen=True)
+class Parallel:
+    """How the launched processes share the work: FSDP, DeepSpeed (its config), or plain replicas."""
+
+    fsdp: bool = False
+    deepspeed: dict | None = None
+
+    @property
+    def zero3(self) -> bool:
+        return zero.stage(self.deepspeed) == 3
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whole models are then built in host memory; sharding moves each rank's part to its device."""
+        return self.fsdp or self.zero3
+
+
+def setup(device: str, fsdp: bool = False, lora: bool = True, deepspeed: str | None = None,
+          quantized: bool = False) -> Parallel:
     """Join the process group a launcher described (RANK / WORLD_SIZE / MASTER_ADDR in the
-    environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process. Returns whether
-    to shard the model with FSDP: ``--fsdp`` or accelerate's FSDP config, full fine-tuning only,
-    and only with several processes."""
-    fsdp = fsdp_requested(fsdp)
+    environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process. Returns how to
+    share the work: FSDP (``--fsdp`` or accelerate's FSDP config, full fine-tuning only) or
+    DeepSpeed ZeRO (``--deepspeed`` or accelerate's DeepSpeed configs), with several processes."""
+    fsdp, ds = fsdp_requested(fsdp), zero.requested(deepspeed)
     if fsdp and lora:
         raise UsageError("FSDP shards full fine-tuning (--no-lora); LoRA / QLoRA adapters are small and "
                          "replicated: use recipes/accelerate/ddp.yaml or plain torchrun")
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _dist() is not None:
-        if fsdp and world_size() == 1:
-            log("--fsdp: one process, nothing to shard; training unsharded")
-        return fsdp and world_size() > 1
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        raise UsageError("accelerate launched trcli with DeepSpeed, which trcli's training loop does not "
-                         "shard (see docs/scale.md); use recipes/accelerate/fsdp.yaml or ddp.yaml")
-    import torch.distributed as dist
+    if fsdp and ds:
+        raise UsageError("--fsdp and DeepSpeed both requested; choose one")
+    if ds and quantized:
+        raise UsageError("QLoRA (--quantize 4bit) under DeepSpeed is not supported; use DDP "
+                         "(recipes/accelerate/ddp.yaml or plain torchrun): the adapters are replicated anyway")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or world_size() > 1
+    if not several:
+        if fsdp or ds:
+            log(f"{'--fsdp' if fsdp else 'DeepSpeed'}: one process, nothing to shard; training unsharded")
+        return Parallel()
+    if _dist() is None:
+        import torch.distributed as dist
 
-    cuda = device != "cpu" and torch.cuda.is_available()
-    if cuda:  # "cuda" (no index) then means this rank's GPU everywhere in the code
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    log(f"joined the {dist.get_backend()} process group" + (", sharding with FSDP" if fsdp else ""))
-    return fsdp
+        cuda = device != "cpu" and torch.cuda.is_available()
+        if cuda:  # "cuda" (no index) then means this rank's GPU everywhere in the code
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+        how = ", sharding with FSDP" if fsdp else f", DeepSpeed ZeRO-{zero.stage(ds)}" if ds else ""
+        log(f"joined the {dist.get_backend()} process group{how}")
+    return Parallel(fsdp=fsdp, deepspeed=ds)
 
 
 def is_sharded(tensor_or_module) -> bool:
-    """A DTensor (an FSDP-sharded parameter), or a module holding any."""
+    """A DTensor (an FSDP-sharded parameter) or a ZeRO-3-partitioned parameter, or a module holding any."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tensor_or_module, torch.nn.Module):
-        return any(isinstance(p, DTensor) for p in tensor_or_module.parameters())
-    return isinstance(tensor_or_module, DTensor)
+        return any(is_sharded(p) for p in tensor_or_module.parameters())
+    return isinstance(tensor_or_module, DTensor) or zero.is_partitioned(tensor_or_module)
 
 
 def shard_model(model: torch.nn.Module) -> None:
@@ -118,16 +145,23 @@ def shard_model(model: torch.nn.Module) -> None:
         module.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no pre-multiplied sum
 
 
-def full_state_dict(model: torch.nn.Module) -> dict | None:
-    """The whole state dict of an FSDP-sharded model, on rank 0's CPU (collective: every rank calls)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def full_state_dict(model: torch.nn.Module, keep: Callable[[str], bool] = lambda name: True) -> dict | None:
+    """The whole state dict (the entries ``keep`` selects) of an FSDP-sharded or ZeRO-3-partitioned
+    model, on rank 0's CPU (collective: every rank calls)."""
+    if any(zero.is_partitioned(p) for p in model.parameters()):
+        state = zero.full_state_dict(model, keep)
+    else:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return state if is_main() else None
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v for k, v in state.items() if keep(k)} if is_main() else None
 
 
 def load_full_state_dict(model: torch.nn.Module, state: dict) -> None:
     """Inverse of :func:`full_state_dict`: every rank passes the whole dict and keeps its shard."""
+    if any(zero.is_partitioned(p) for p in model.parameters()):
+        zero.load_full_state_dict(model, state)
+        return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
@@ -262,6 +296,25 @@ def check_replicas(named: list[tuple[str, torch.Tensor]], what: str, announce: b
     if announce:
         digest = hashlib.sha256(mine.numpy().tobytes()).hexdigest()[:16]
         log(f"{what}: {len(named)} tensors identical on all ranks (fingerprint {digest})")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """A directory that every rank may write into and that appears whole: rank 0 makes a temporary
+    sibling, every rank gets its name, and rank 0 renames it over ``path`` once all have finished."""
+    from trcli.runs import atomic_path  # runs imports this module
+
+    with contextlib.ExitStack() as stack:
+        name = [None]
+        if is_main():
+            tmp = stack.enter_context(atomic_path(path))
+            tmp.mkdir()
+            name = [str(tmp)]
+        dist = _dist()
+        if dist is not None:
+            dist.broadcast_object_list(name, src=0)
+        yield Path(name[0])
+        barrier()  # every rank has written before rank 0 publishes
 
 
 def barrier() -> None:

@@ -19,10 +19,9 @@ from typing import Any, Callable
 
 import torch
 
-from trcli import distributed
+from trcli import distributed, zero
 from trcli.config import Config
 from trcli.errors import TrcliError, UsageError
-from trcli.runs import atomic_path
 
 STATE = "trainer_state.pt"
 
@@ -31,7 +30,9 @@ STATE = "trainer_state.pt"
 class Hooks:
     """What a stage plugs into :func:`fit`."""
 
-    step_fn: Callable[[Any, bool], tuple[torch.Tensor, dict]]  # (micro-batch, logging step?) -> loss, metrics
+    # (policy, micro-batch, logging step?) -> loss, metrics. The policy is the model, or under
+    # DeepSpeed its engine: the pass that is differentiated must go through it.
+    step_fn: Callable[[Any, Any, bool], tuple[torch.Tensor, dict]]
     epoch_batches: Callable[[int], list]                        # the micro-batches of epoch e, in order
     save: Callable[[Path], None]                                # write weights into a directory
     load: Callable[[Path], None]                                # read them back (resume)
@@ -111,8 +112,10 @@ class _Sinks:
             writer(row)
 
 
-def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.nn.Parameter], hooks: Hooks) -> dict:
-    """Train for the configured number of optimizer steps; return the last logged metrics."""
+def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.nn.Parameter], hooks: Hooks,
+        deepspeed: dict | None = None) -> dict:
+    """Train for the configured number of optimizer steps; return the last logged metrics. With a
+    ``deepspeed`` config the engine does backward, clipping and the optimizer step (trcli.zero)."""
     from transformers import get_scheduler
 
     train = cfg.train
@@ -121,10 +124,19 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         raise TrcliError("no training batches")
     steps = total_steps(cfg, micro_per_epoch)
     distributed.check_batch_size(train.batch_size)
-    sharded = distributed.is_sharded(model)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
-    scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.warmup_steps,
-                              num_training_steps=steps)
+    make_scheduler = lambda opt: get_scheduler(train.lr_scheduler, opt, num_warmup_steps=train.warmup_steps,
+                                               num_training_steps=steps)
+    engine = None
+    if deepspeed is not None:
+        engine = zero.initialize(model, optimizer, make_scheduler,
+                                 zero.engine_config(deepspeed, train, distributed.world_size()))
+        optimizer, scheduler = engine.optimizer, engine.lr_scheduler
+    else:
+        scheduler = make_scheduler(optimizer)
+    policy = engine or model
+    # Passes that are collective (FSDP, ZeRO-3 gathers; ZeRO-2 reduces in backward): every rank runs them.
+    collective = distributed.is_sharded(model) or engine is not None
     start = 0
     checkpoint = latest_checkpoint(run_dir) if train.resume else None
     if train.resume and checkpoint is None:
@@ -132,8 +144,13 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     if checkpoint is not None:
         state = torch.load(checkpoint / STATE, weights_only=False)
         hooks.load(checkpoint)
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        if engine is not None:
+            zero.load_checkpoint(engine, checkpoint)  # optimizer states and schedule, in its own files
+        elif state["optimizer"] is None:
+            raise UsageError(f"{checkpoint}: written under DeepSpeed; resume it with the same DeepSpeed config")
+        else:
+            distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         hooks.load_extra_state(state["extra"])
@@ -148,17 +165,17 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     def save_checkpoint(step: int) -> Path:
         target = run_dir / f"checkpoint-{step}"
         distributed.check_replicas(replicated, f"the weights at step {step}")
-        optimizer_state = distributed.optimizer_state(model, optimizer)  # collective under FSDP
-        if distributed.is_main():
-            with atomic_path(target) as tmp:
-                tmp.mkdir()
-                hooks.save(tmp)
-                torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+        # Collective under FSDP; DeepSpeed writes its own (partitioned) optimizer files instead.
+        optimizer_state = distributed.optimizer_state(model, optimizer) if engine is None else None
+        with distributed.atomic_dir(target) as tmp:  # every rank may write into tmp; rank 0 renames it
+            if engine is not None:
+                zero.save_checkpoint(engine, tmp)
+            hooks.save(tmp)  # sharded weights are gathered on every rank; rank 0 writes
+            if distributed.is_main():
+                torch.save({"step": step, "optimizer": optimizer_state,
+                            "scheduler": scheduler.state_dict() if engine is None else None,
                             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                             "extra": hooks.extra_state()}, tmp / STATE)
-        else:
-            hooks.save(target)  # under FSDP saving gathers on every rank; only rank 0 writes
-        distributed.barrier()
         return target
 
     epoch_cache: dict[int, list] = {}
@@ -184,19 +201,22 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             batch, share = distributed.shard(whole, hooks.loss_weight)
             stand_in = not batch
             if stand_in:  # a last batch smaller than the number of ranks: this rank adds zeros
-                if not sharded:
+                if not collective:
                     continue
-                # FSDP's passes are collective, so this rank still runs one, on the whole batch, counted 0.
+                # The passes are collective, so this rank still runs one, on the whole batch, counted 0.
                 batch, share = whole, 0.0
-            loss, metrics = hooks.step_fn(batch, logging)
+            loss, metrics = hooks.step_fn(policy, batch, logging)
             if not torch.isfinite(loss):
                 bad = loss.item()
             stop = bad is not None
-            if sharded:  # under FSDP backward is collective too: the ranks stop before it together
+            if collective:  # backward is collective too: the ranks stop before it together
                 stop = distributed.any_rank(stop)
             if stop:
                 break
-            (loss * share / train.grad_accum).backward()
+            if engine is not None:  # the engine averages over ranks; each rank's loss carries its share
+                engine.backward(loss * share * distributed.world_size() / train.grad_accum, scale_wrt_gas=False)
+            else:
+                (loss * share / train.grad_accum).backward()
             if stand_in:
                 continue
             window_tokens += metrics.pop("tokens", 0)
@@ -206,15 +226,19 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             kept = latest_checkpoint(run_dir)
             raise TrcliError(f"loss is {bad if bad is not None else 'not finite on another rank'} at step {step}; "
                              f"stopped (last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
-        distributed.all_reduce_grads(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-        if distributed.is_sharded(grad_norm):
-            grad_norm = grad_norm.full_tensor()
-        window.setdefault("grad_norm", []).append(float(grad_norm))
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if engine is not None:  # reduce, clip (its gradient_clipping), step, schedule, zero
+            engine.step()
+            grad_norm = engine.get_global_grad_norm()
+        else:
+            distributed.all_reduce_grads(params)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+            if distributed.is_sharded(grad_norm):
+                grad_norm = grad_norm.full_tensor()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        window.setdefault("grad_norm", []).append(float(grad_norm))
         # Averaged over ranks, so that a KL-triggered reference update is decided alike everywhere.
         extra = hooks.after_step(step, distributed.mean_row({k: v[-1] for k, v in window.items()}), logging)
         if hooks.evaluate is not None and train.eval_steps and step % train.eval_steps == 0:
@@ -272,11 +296,11 @@ def shuffled_batches(items: list, batch_size: int, seed: int, min_size: int = 1)
 def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | None]]) -> None:
     """Write each part into ``directory/<folder>``: a standard PEFT adapter folder when an adapter
     name is given (``PeftModel.from_pretrained`` loads it), else full HF weights. Rank 0 writes;
-    every rank must call it (FSDP-sharded weights are gathered first)."""
+    every rank must call it (sharded weights are gathered first)."""
     import shutil
 
-    states = {folder: distributed.full_state_dict(model) for folder, (model, adapter) in parts.items()
-              if adapter is None and distributed.is_sharded(model)}  # collective: every rank gathers
+    states = {folder: distributed.full_state_dict(model, keep=_owned_by(adapter))  # collective
+              for folder, (model, adapter) in parts.items() if distributed.is_sharded(model)}
     if not distributed.is_main():
         return
     for folder, (model, adapter) in parts.items():
@@ -285,10 +309,15 @@ def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | 
             model.save_pretrained(str(target), state_dict=states.get(folder))
             continue
         staging = Path(directory) / f".{folder}.staging"
-        model.save_pretrained(str(staging), selected_adapters=[adapter])
+        model.save_pretrained(str(staging), selected_adapters=[adapter], state_dict=states.get(folder))
         shutil.rmtree(target, ignore_errors=True)
         (staging / adapter).rename(target)
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _owned_by(adapter: str | None) -> Callable[[str], bool]:
+    """The state-dict entries of a part: an adapter's own weights, or everything."""
+    return (lambda name: True) if adapter is None else (lambda name: f".{adapter}." in name)
 
 
 @torch.no_grad()
@@ -308,4 +337,6 @@ def load_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | 
             continue
         from peft.utils import load_peft_weights, set_peft_model_state_dict
 
-        set_peft_model_state_dict(model, load_peft_weights(str(source)), adapter_name=adapter)
+        owned = [p for name, p in model.named_parameters() if _owned_by(adapter)(name)]
+        with zero.gathered(owned, modify=True):  # ZeRO-3: whole while written, then re-partitioned
+            set_peft_model_state_dict(model, load_peft_weights(str(source)), adapter_name=adapter)

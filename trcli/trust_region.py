@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from trcli import zero
+
 POLICY, REFERENCE = "policy", "reference"
 CHUNK = 32  # layers mixed in one batch by update_lora_reference
 
@@ -170,7 +172,21 @@ def update_lora_reference(layers: list, alpha: float) -> float:
 
     Returns the fraction of the mixture's energy discarded by the rank truncation (0 when the
     reference rank holds the mixture exactly, as for a hard update into rank ≥ policy rank).
+    Layers go in batches of CHUNK: one LAPACK call per batch, at most CHUNK layers' stacked copies
+    (and, under ZeRO-3, gathered factors) alive at once; rank 0's reference is what every rank keeps.
     """
+    discarded = total = 0.0
+    for start in range(0, len(layers), CHUNK):
+        chunk = layers[start:start + CHUNK]
+        factors = lambda name: [m.lora_B[name].weight for m in chunk] + [m.lora_A[name].weight for m in chunk]
+        with zero.gathered(factors(POLICY)), zero.gathered(factors(REFERENCE), modify=True):
+            lost, energy = _update_chunk(chunk, alpha)
+        discarded += lost
+        total += energy
+    return discarded / total if total > 0 else 0.0
+
+
+def _update_chunk(layers: list, alpha: float) -> tuple[float, float]:
     def ranks(module):
         return module.lora_A[POLICY].weight.shape[0], module.lora_A[REFERENCE].weight.shape[0]
 
@@ -178,29 +194,26 @@ def update_lora_reference(layers: list, alpha: float) -> float:
         copied = [module for module in layers if ranks(module)[1] >= ranks(module)[0]]
         copy_adapter(copied, REFERENCE)
         layers = [module for module in layers if ranks(module)[1] < ranks(module)[0]]
-    # Layers by (policy rank, reference rank), in batches of CHUNK: one LAPACK call each, and the
-    # stacked copies of at most CHUNK layers alive at once.
-    groups: dict[tuple[int, int], list[list]] = {}
+    groups: dict[tuple[int, int], list] = {}  # layers by (policy rank, reference rank)
     for module in layers:
-        group = groups.setdefault(ranks(module), [[]])
-        if len(group[-1]) == CHUNK:
-            group.append([])
-        group[-1].append(module)
+        groups.setdefault(ranks(module), []).append(module)
     discarded = total = 0.0
-    for (_, r_ref), modules in ((key, chunk) for key, chunks in groups.items() for chunk in chunks):
+    for (_, r_ref), modules in groups.items():
         refs = [(m.lora_B[REFERENCE].weight, m.lora_A[REFERENCE].weight) for m in modules]
         _, lost, energy = mix_low_rank(
             [(m.lora_B[POLICY].weight, m.lora_A[POLICY].weight, m.scaling[POLICY], b, a, m.scaling[REFERENCE])
              for m, (b, a) in zip(modules, refs)], alpha, r_ref, out=refs)  # the stacks are copies: safe
         discarded += lost
         total += energy
-    return discarded / total if total > 0 else 0.0
+    return discarded, total
 
 
 @torch.no_grad()
 def update_full_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> float:
-    """Full fine-tuning: θ_ref ← α·θ + (1-α)·θ_ref parameter by parameter, in fp32."""
+    """Full fine-tuning: θ_ref ← α·θ + (1-α)·θ_ref parameter by parameter, in fp32. Shard-local
+    under FSDP and ZeRO-3 (reference and policy are sharded alike): nothing is gathered."""
     for p_ref, p_pol in zip(reference.parameters(), policy.parameters()):
+        p_ref, p_pol = zero.local(p_ref), zero.local(p_pol)  # ZeRO-3: this rank's slices, partitioned alike
         if alpha == 1.0:
             p_ref.copy_(p_pol)
         else:

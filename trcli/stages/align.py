@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trcli import distributed, losses
+from trcli import distributed, losses, zero
 from trcli.batching import encode, make_batch, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
@@ -45,7 +45,8 @@ def run(cfg: Config) -> dict:
         raise UsageError("KTO estimates its KL baseline from mismatched pairs in a batch: "
                          "--batch-size must be >= 2")
     schedule = Schedule.from_config(align)
-    fsdp = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora)
+    parallel = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora, cfg.train.deepspeed,
+                                 quantized=cfg.model.quantize == "4bit")
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
 
@@ -70,18 +71,23 @@ def run(cfg: Config) -> dict:
     run_dir = Run("align", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)
     run_dir.add_input("start", start["adapter"] or start["weights"])
-    # Under FSDP the whole models are built in host memory; sharding moves each rank's shards to its device.
-    model, frozen = build_for_training(cfg, torch.device("cpu") if fsdp else device, start, reference=True,
+    # Under FSDP / ZeRO-3 the whole models are built in host memory; sharding moves each rank's part to its device.
+    model, frozen = build_for_training(cfg, torch.device("cpu") if parallel.shards_weights else device, start, reference=True,
                                        ref_rank=ref_rank, keep_init=schedule.mode != "none")
     initial = None
     if frozen is not None and schedule.mode != "none":
         import copy
 
         initial = copy.deepcopy(frozen)
-    if fsdp:  # policy, reference and starting reference sharded alike: the update is shard-local
-        for module in (model, frozen, initial):
-            if module is not None:
-                distributed.shard_model(module)
+    # Policy, reference and starting reference sharded alike, so that the update is shard-local
+    # (under ZeRO-3 the policy is partitioned with its optimizer, in fit).
+    for module in (model, frozen, initial) if parallel.fsdp else (frozen, initial) if parallel.zero3 else ():
+        if module is None:
+            continue
+        if parallel.fsdp:
+            distributed.shard_model(module)
+        else:
+            zero.partition_frozen(module, zero.engine_config(parallel.deepspeed, cfg.train, distributed.world_size()))
     pad = tokenizer.pad_token_id
 
     @torch.no_grad()
@@ -98,13 +104,13 @@ def run(cfg: Config) -> dict:
         d = (pol_tok - ref_tok).detach()
         return (torch.expm1(-d) + d).sum(-1).mean().item()
 
-    def pair_step(pairs, logging):
+    def pair_step(policy, pairs, logging):
         # One forward over [chosen..., rejected...]; the reference pass first, without a graph.
         # Packed when the model allows it: each prompt is computed once for chosen and rejected.
         batch = make_batch(model, [(c.prompt, c.completion) for c, _ in pairs]
                            + [(r.prompt, r.completion) for _, r in pairs], pad, device)
         ref_tok = reference_logps(batch)
-        pol_tok, mask = token_logps(model, batch)
+        pol_tok, mask = token_logps(policy, batch)
         pol, ref, length = pol_tok.sum(-1), ref_tok.sum(-1), mask.sum(-1)
         if align.loss == "ipo" and align.ipo_average:
             pol, ref = pol / length, ref / length
@@ -121,7 +127,7 @@ def run(cfg: Config) -> dict:
         metrics.update(_kl_metrics(pol_tok, ref_tok, batch, logging))
         return per_pair.mean(), metrics
 
-    def kto_step(examples, logging):
+    def kto_step(policy, examples, logging):
         # Matched (x_i, y_i) rows, then mismatched (x_i, y_{i-1}) rows for the KL baseline z.
         n = len(examples)
         matched = [(e.prompt, e.completion) for e, _ in examples]
@@ -129,7 +135,7 @@ def run(cfg: Config) -> dict:
         matched_batch, mismatched_batch = make_batch(model, matched, pad, device), make_batch(model, mismatched, pad, device)
         ref_tok = reference_logps(matched_batch)
         ref_mismatched = reference_logps(mismatched_batch).sum(-1)
-        pol_tok, _ = token_logps(model, matched_batch)
+        pol_tok, _ = token_logps(policy, matched_batch)
         pol, ref = pol_tok.sum(-1), ref_tok.sum(-1)
         with torch.no_grad():
             pol_mismatched = token_logps(model, mismatched_batch)[0].sum(-1)
@@ -201,7 +207,7 @@ def run(cfg: Config) -> dict:
         extra_state=lambda: {"schedule": schedule.state_dict(), "truncation": dict(truncation)},
         load_extra_state=lambda s: (schedule.load_state_dict(s["schedule"]), truncation.update(s["truncation"])),
     )
-    final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks)
+    final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks, deepspeed=parallel.deepspeed)
 
     # Outputs: DIR/policy and DIR/reference (PEFT adapter folders, or full weights).
     save_weights(run_dir.dir, parts)

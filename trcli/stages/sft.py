@@ -30,7 +30,8 @@ def run(cfg: Config) -> dict:
         raise UsageError("sft needs --output DIR")
     if not cfg.data.path:
         raise UsageError("sft needs data: --data PREP_DIR or --from a prep run")
-    fsdp = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora)
+    parallel = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora, cfg.train.deepspeed,
+                                 quantized=cfg.model.quantize == "4bit")
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
@@ -43,9 +44,10 @@ def run(cfg: Config) -> dict:
     check_fresh_start(cfg)
     run_dir = Run("sft", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)
-    # Under FSDP the whole model is built in host memory; sharding moves each rank's shards to its device.
-    model, _ = build_for_training(cfg, torch.device("cpu") if fsdp else device, start={}, reference=False)
-    if fsdp:
+    # Under FSDP / ZeRO-3 the whole model is built in host memory; sharding moves each rank's part to its device.
+    model, _ = build_for_training(cfg, torch.device("cpu") if parallel.shards_weights else device, start={},
+                                  reference=False)
+    if parallel.fsdp:
         distributed.shard_model(model)
     name = "adapter" if cfg.model.lora else "weights"
     parts = {name: (model, POLICY if cfg.model.lora else None)}
@@ -56,13 +58,13 @@ def run(cfg: Config) -> dict:
     layout = (lambda seqs: make_batch(model, seqs, pad, device)) if cfg.train.packing \
         else (lambda seqs: collate(seqs, pad, device))
 
-    def nll(items) -> tuple[torch.Tensor, int]:
+    def nll(policy, items) -> tuple[torch.Tensor, int]:
         batch = layout([(e.prompt, e.completion) for e in items])
-        logps, mask = token_logps(model, batch)
+        logps, mask = token_logps(policy, batch)
         return -logps.sum() / mask.sum(), batch["tokens"]
 
-    def step_fn(items, logging):
-        loss, tokens = nll(items)
+    def step_fn(policy, items, logging):
+        loss, tokens = nll(policy, items)
         return loss, {"loss": loss.item(), "tokens": tokens}
 
     @torch.no_grad()
@@ -71,7 +73,7 @@ def run(cfg: Config) -> dict:
             return {}
         bs = cfg.train.batch_size
         with no_dropout(model):
-            losses = [nll(test_rows[i:i + bs])[0].item() for i in range(0, len(test_rows), bs)]
+            losses = [nll(model, test_rows[i:i + bs])[0].item() for i in range(0, len(test_rows), bs)]
         return {"eval/loss": sum(losses) / len(losses)}
 
     hooks = Hooks(
@@ -82,7 +84,7 @@ def run(cfg: Config) -> dict:
         evaluate=evaluate if test_rows else None,
         loss_weight=lambda items: sum(len(e.completion) for e in items),  # nll is a token mean
     )
-    final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks)
+    final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks, deepspeed=parallel.deepspeed)
     if test_rows:
         final.update(evaluate())
     save_weights(run_dir.dir, parts)

@@ -1,0 +1,92 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 in two processes (torchrun, gloo on CPU) trains what one process trains."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+
+from conftest import metrics, ok, run_cli
+from test_distributed import ALIGN, accelerate, adapter, deltas, full, sft_matches_one_process, torchrun
+
+
+def same_run(one, two, rel=1e-4):
+    """Gradient norms (the engine's) equal one process's at every step, and so do the logged losses
+    except at a step holding a micro-batch of one pair, where one rank's shard is empty: the logged
+    value is then the mean of the ranks' own means (a known difference in logging only)."""
+    for a, b in zip(metrics(one), metrics(two), strict=True):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=rel)
+        if b["step"] < 3:
+            assert b["loss"] == pytest.approx(a["loss"], rel=rel)
+
+
+@pytest.mark.parametrize("stage", ["2", "3"])
+def test_zero_lora_tr_dpo_matches_one_process_and_resumes_exactly(tmp_path, sft_run, stage):
+    args = [*ALIGN, "--from", sft_run, "--save-steps", "2", "--grad-accum", "2"]
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    ok(*args, "-o", one)
+    result = torchrun(*args, "--deepspeed", stage, "-o", two)
+    assert result.returncode == 0, result.stderr
+    assert f"[rank 1/2] joined the gloo process group, DeepSpeed ZeRO-{stage}" in result.stderr
+
+    single, double = adapter(one, "policy"), adapter(two, "policy")
+    assert single.keys() == double.keys()
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-5)
+    for folder in ("reference", "checkpoint-2/reference"):  # as effective weights B·A (factors are not unique)
+        single, double = deltas(one / folder), deltas(two / folder)
+        assert single.keys() == double.keys()
+        for key in single:
+            torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-5)
+    same_run(one, two)
+    assert [m["ref_updates"] for m in metrics(two)] == [1, 2, 3]
+    start, policy = adapter(sft_run, "adapter"), adapter(two, "policy")
+    assert any((policy[k] - start[k]).abs().max() > 1e-4 for k in start)  # training moved it
+    assert (two / "checkpoint-2" / "deepspeed").is_dir()  # the engine's own (partitioned) optimizer files
+
+    # Killed after the step-2 checkpoint and resumed: the same end, exactly.
+    shutil.copytree(two, cut)
+    for name in ("checkpoint-3", "policy", "reference"):
+        shutil.rmtree(cut / name)
+    result = torchrun(*args, "--deepspeed", stage, "--resume", "-o", cut)
+    assert result.returncode == 0, result.stderr
+    for folder in ("policy", "reference"):
+        a, b = adapter(two, folder), adapter(cut, folder)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
+    # Both ranks hold the same replicated weights at the end (ZeRO-3's partitions are not compared).
+    seen = dict(re.findall(r"\[rank (\d)/2\] the final weights: \d+ tensors identical on all ranks "
+                           r"\(fingerprint (\w+)\)", result.stderr))
+    assert set(seen) == {"0", "1"} and seen["0"] == seen["1"], result.stderr
+
+
+def test_zero3_full_fine_tuning_partitions_the_reference_and_matches_one_process(tmp_path, tiny_model, prep_run):
+    args = ["align", "--model", tiny_model, "--from", prep_run, "--no-lora", "--method", "tr-dpo", "--update", "soft",
+            "--max-steps", "3", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--logging-steps", "1",
+            "--seed", "3", "--device", "cpu"]
+    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
+    ok(*args, "-o", one)
+    result = torchrun(*args, "--deepspeed", "3", "-o", two)
+    assert result.returncode == 0, result.stderr
+    for folder in ("policy", "reference", "checkpoint-2/policy", "checkpoint-2/reference"):
+        single, double = full(one, folder), full(two, folder)
+        assert single.keys() == double.keys()
+        for key in single:
+            torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=2e-5)
+    same_run(one, two)
+
+    shutil.copytree(two, cut)
+    for name in ("checkpoint-3", "policy", "reference"):
+        shutil.rmtree(cut / name)
+    result = torchrun(*args, "--deepspeed", "3", "--resume", "-o", cut)
+    assert result.returncode == 0, result.stderr
+    for folder in ("policy", "reference"):
+        a, b = full(two, folder), full(cut, folder)
+        assert all(torch.equal(a[k], b[k]) for k in a), folder
+
+    # A DeepSpeed checkpoint keeps its optimizer state in the engine's files: resuming without it is refused.
+    shutil.rmtree(two / "checkpoint-3")
+    result = torchrun(*args, "--resume", "-o", two)
+    assert result.returncode != 0 and "written under DeepSpeed" in result.stderr

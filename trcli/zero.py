@@ -1,0 +1,186 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 (``--deepspeed 2|3|ds_config.json``, or accelerate's DeepSpeed configs).
+
+The training loop stays trcli's (:func:`trcli.training.fit`): the engine takes over backward
+(gradient reduction across ranks), clipping and the optimizer step (AdamW with partitioned states).
+Accumulation, the learning-rate schedule, logging and the reference update are the same code as
+without it, so trcli's flags set batch, accumulation, clipping and precision; a DeepSpeed JSON
+contributes its ``zero_optimization`` block (stage, offload, buckets) and must not contradict them.
+
+- ZeRO-2 partitions gradients and optimizer states; weights stay replicated, so the reference
+  (adapters, or the frozen copy) is replicated and every rank applies the same update, as under DDP.
+- ZeRO-3 partitions the weights too. A full-fine-tuning reference and its starting copy are
+  partitioned by the same rule as the policy (:func:`partition_frozen`), so the update
+  θ_ref ← α·θ + (1-α)·θ_ref is shard-local: each rank mixes its own slice of each parameter
+  (:func:`local`). LoRA factors are gathered in bounded groups of layers for the low-rank update;
+  rank 0's result is broadcast and re-partitioned (:func:`gathered`), so it is identical everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from trcli.errors import UsageError
+
+TAG = "deepspeed"  # checkpoint-N/deepspeed/: the engine's own files (partitioned optimizer states)
+
+
+def requested(value: str | None) -> dict | None:
+    """The DeepSpeed config asked for: ``--deepspeed 2``, ``3`` or a JSON file, else accelerate's
+    DeepSpeed launch (its config file, or the zero stage and offload devices of its YAML)."""
+    if value in ("2", "3"):
+        return {"zero_optimization": {"stage": int(value)}}
+    if value:
+        return _read_json(Path(value))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return None
+    if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
+        return _read_json(Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]))
+    zero: dict = {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
+    for kind in ("optimizer", "param"):
+        device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none")
+        if device != "none":
+            zero[f"offload_{kind}"] = {"device": device}
+    return {"zero_optimization": zero}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: not a readable DeepSpeed JSON config ({exc})") from None
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in (2, 3):
+        raise UsageError(f"{path}: zero_optimization.stage must be 2 or 3 (got {stage!r})")
+    return config
+
+
+def stage(config: dict | None) -> int:
+    return int(config["zero_optimization"]["stage"]) if config else 0
+
+
+def engine_config(config: dict, train, world: int) -> dict:
+    """The engine's config: the user's, with what trcli's own flags decide filled in. A key the
+    user set to something else (not "auto") is an error naming it, not silently overridden."""
+    ours = {
+        "train_micro_batch_size_per_gpu": max(1, train.batch_size // world),
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": max(1, train.batch_size // world) * world * train.grad_accum,
+        "gradient_clipping": train.max_grad_norm,
+    }
+    for key, value in ours.items():
+        theirs = config.get(key, "auto")
+        if theirs != "auto" and theirs != value:
+            raise UsageError(f"DeepSpeed config: {key} is {theirs} but trcli's flags make it {value}; "
+                             "set it with trcli's flags or write \"auto\"")
+    for key in ("optimizer", "scheduler", "fp16", "bf16"):
+        block = config.get(key)
+        if block and block != "auto" and (key in ("optimizer", "scheduler") or block.get("enabled") not in (False, "auto")):
+            raise UsageError(f"DeepSpeed config: remove '{key}': trcli sets the optimizer (AdamW, --lr), the schedule "
+                             "(--lr-scheduler) and the precision (--dtype) itself")
+    out = {k: v for k, v in copy.deepcopy(config).items() if k not in ("optimizer", "scheduler", "fp16", "bf16")}
+    out.update(ours)
+    # trcli's loop owns accumulation: backward only accumulates, step() is the boundary.
+    out.update(managed_gradient_accumulation=False, zero_allow_untested_optimizer=True,
+               steps_per_print=1 << 62, wall_clock_breakdown=False)
+    return out
+
+
+def initialize(model: torch.nn.Module, optimizer, make_scheduler, config: dict):
+    """The policy's engine: partitions gradients and optimizer states (and, at stage 3, weights)."""
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+                                      config=config, dist_init_required=False)
+    return engine
+
+
+_ENGINES: list = []
+
+
+def unwrap(model):
+    """The model a DeepSpeed engine wraps (anything else as it is)."""
+    ds = sys.modules.get("deepspeed")
+    return model.module if ds is not None and isinstance(model, ds.DeepSpeedEngine) else model
+
+
+def partition_frozen(module: torch.nn.Module, config: dict) -> None:
+    """ZeRO-3: partition a frozen model (reference, starting reference) exactly as the policy is
+    partitioned (a parameter's slice on a rank depends only on its size and the number of ranks),
+    and gather it layer by layer in its forward. Nothing stays gathered (persistence threshold 0),
+    so the partitions are the only copy and the shard-local update is the whole update."""
+    import deepspeed
+
+    frozen = {k: v for k, v in config.items() if k not in ("gradient_clipping",)}
+    frozen["zero_optimization"] = {**config["zero_optimization"], "stage3_param_persistence_threshold": 0}
+    frozen["zero_optimization"].pop("offload_optimizer", None)
+    engine, *_ = deepspeed.initialize(model=module, config=frozen, dist_init_required=False)
+    engine.eval()
+    _ENGINES.append(engine)  # its hooks on ``module`` gather the weights; callers keep using ``module``
+
+
+def is_partitioned(tensor: torch.Tensor) -> bool:
+    return hasattr(tensor, "ds_id")
+
+
+def local(param: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a ZeRO-3 parameter (the parameter itself when it is not partitioned)."""
+    return param.ds_tensor if is_partitioned(param) else param
+
+
+def gathered(params: list[torch.Tensor], modify: bool = False):
+    """Whole ZeRO-3 parameters inside the block (a no-op for others). With ``modify``, rank 0's
+    values are broadcast and re-partitioned on exit: every rank ends with the same weights."""
+    params = [p for p in params if is_partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def full_state_dict(module: torch.nn.Module, keep=lambda name: True) -> dict:
+    """Whole tensors of a ZeRO-3 module on rank 0's CPU (collective), one submodule at a time."""
+    from trcli.distributed import is_main
+
+    state: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules():
+        named = [(f"{prefix}.{n}" if prefix else n, p) for n, p in sub.named_parameters(recurse=False)]
+        named = [(n, p) for n, p in named if keep(n)]
+        with gathered([p for _, p in named]):
+            if is_main():
+                state.update({n: p.detach().cpu().clone() for n, p in named})
+    if is_main():
+        state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if keep(n)})
+    return state
+
+
+@torch.no_grad()
+def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
+    """Inverse of :func:`full_state_dict`: every rank passes the whole dict; one submodule at a time."""
+    for prefix, sub in module.named_modules():
+        named = [(f"{prefix}.{n}" if prefix else n, p) for n, p in sub.named_parameters(recurse=False)]
+        named = [(n, p) for n, p in named if n in state]
+        with gathered([p for _, p in named], modify=True):
+            for n, p in named:
+                p.copy_(state[n])
+
+
+def save_checkpoint(engine, directory: Path) -> None:
+    """The engine's state (every rank writes its partition of the optimizer states)."""
+    engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+
+
+def load_checkpoint(engine, directory: Path) -> None:
+    if not (directory / TAG).is_dir():
+        raise UsageError(f"{directory}: written without DeepSpeed (no {TAG}/ folder); resume it without --deepspeed")
+    path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                     load_lr_scheduler_states=True)
+    if path is None:
+        raise UsageError(f"{directory / TAG}: DeepSpeed could not read it (was it written by as many processes?)")
