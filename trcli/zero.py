@@ -156,9 +156,10 @@ def full_state_dict(module: torch.nn.Module, keep=lambda name: True) -> dict:
         with gathered([p for _, p in named]):
             if is_main():
                 state.update({n: p.detach().cpu().clone() for n, p in named})
-    if is_main():
-        state.update({n: b.detach().cpu().clone() for n, b in module.named_buffers() if keep(n)})
-    return state
+        if is_main():  # buffers are not partitioned; the persistent ones belong in a state dict
+            state.update({f"{prefix}.{n}" if prefix else n: b.detach().cpu().clone() for n, b in sub._buffers.items()
+                          if b is not None and n not in sub._non_persistent_buffers_set})
+    return {n: t for n, t in state.items() if keep(n)}
 
 
 @torch.no_grad()
