@@ -210,13 +210,20 @@ def estimate(cfg: Config, stage: str, world_size: int = 1) -> dict:
                 rows.append(("starting reference (fp32)", shape.params() * 4, "kept for kl/init"))
     rows.append(("gradients", trainable * grad_bytes, ""))
     rows.append(("optimizer (AdamW)", 2 * trainable * grad_bytes, "two moments per trainable parameter"))
-    if t.fsdp and not m.lora and world_size > 1:
-        # FSDP: every full-size row above is sharded over the processes; a pass gathers one
-        # transformer block at a time (and prefetches the next).
-        rows = [(item, -(-size // world_size), f"{note}; 1/{world_size} per device (FSDP)".lstrip("; "))
-                for item, size, note in rows]
+    zero_stage = int(t.deepspeed) if t.deepspeed in ("2", "3") and world_size > 1 else 0
+    if zero_stage:
+        rows.append(("fp32 master weights (ZeRO)", trainable * 4, "DeepSpeed's copy of the trainable weights"))
+    split = lambda row, how: (row[0], -(-row[1] // world_size), f"{row[2]}; 1/{world_size} per device ({how})".lstrip("; "))
+    if zero_stage == 2:  # gradients and optimizer states partitioned, weights replicated
+        rows = [split(row, "ZeRO-2") if row[0] in ("gradients", "optimizer (AdamW)", "fp32 master weights (ZeRO)")
+                else row for row in rows]
+    sharding = "FSDP" if t.fsdp and not m.lora and world_size > 1 else "ZeRO-3" if zero_stage == 3 else None
+    if sharding:
+        # Every full-size row above is sharded over the processes; a pass gathers one transformer
+        # block at a time (and prefetches the next).
+        rows = [split(row, sharding) for row in rows]
         block = (shape.params() - shape.other_params()) // max(1, shape.layers)
-        rows.append(("gathered blocks (FSDP, transient)", 2 * block * 4, "one block and the prefetched next, fp32"))
+        rows.append((f"gathered blocks ({sharding}, transient)", 2 * block * 4, "one block and the prefetched next, fp32"))
 
     # Activations of the policy pass, with and without gradient checkpointing.
     tokens = seqs * length
@@ -263,10 +270,13 @@ def plan_or_none(cfg: Config, stage: str) -> dict | None:
     """The memory plan when --dry-run was asked for, else None."""
     if not cfg.train.dry_run:
         return None
+    from trcli import zero
     from trcli.distributed import fsdp_requested
 
-    if fsdp_requested(cfg.train.fsdp):  # --fsdp, or launched with accelerate's fsdp.yaml
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fsdp": True})})
+    # --fsdp / --deepspeed, or launched with accelerate's fsdp.yaml / deepspeed-zero*.yaml
+    stage = zero.stage(zero.requested(cfg.train.deepspeed))
+    update = {"fsdp": fsdp_requested(cfg.train.fsdp), "deepspeed": str(stage) if stage else None}
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
     return estimate(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -36,6 +37,8 @@ def requested(value: str | None) -> dict | None:
     DeepSpeed launch (its config file, or the zero stage and offload devices of its YAML)."""
     if value in ("2", "3"):
         return {"zero_optimization": {"stage": int(value)}}
+    if value and value.isdigit():
+        raise UsageError(f"--deepspeed {value}: trcli runs ZeRO stage 2 or 3 (or give a DeepSpeed JSON file)")
     if value:
         return _read_json(Path(value))
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
@@ -92,12 +95,23 @@ def engine_config(config: dict, train, world: int) -> dict:
     return out
 
 
+def _deepspeed():
+    """deepspeed, imported with its log on stderr: trcli's stdout carries results only (--json)."""
+    with contextlib.redirect_stdout(sys.stderr):  # its logger binds to the stdout of import time
+        import deepspeed
+    deepspeed.utils.logger.setLevel(logging.WARNING)
+    return deepspeed
+
+
+def _quiet():
+    return contextlib.redirect_stdout(sys.stderr)  # it prints while building its communication ops
+
+
 def initialize(model: torch.nn.Module, optimizer, make_scheduler, config: dict):
     """The policy's engine: partitions gradients and optimizer states (and, at stage 3, weights)."""
-    import deepspeed
-
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
-                                      config=config, dist_init_required=False)
+    with _quiet():
+        engine, *_ = _deepspeed().initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+                                             config=config, dist_init_required=False)
     return engine
 
 
@@ -115,12 +129,11 @@ def partition_frozen(module: torch.nn.Module, config: dict) -> None:
     partitioned (a parameter's slice on a rank depends only on its size and the number of ranks),
     and gather it layer by layer in its forward. Nothing stays gathered (persistence threshold 0),
     so the partitions are the only copy and the shard-local update is the whole update."""
-    import deepspeed
-
     frozen = {k: v for k, v in config.items() if k not in ("gradient_clipping",)}
     frozen["zero_optimization"] = {**config["zero_optimization"], "stage3_param_persistence_threshold": 0}
     frozen["zero_optimization"].pop("offload_optimizer", None)
-    engine, *_ = deepspeed.initialize(model=module, config=frozen, dist_init_required=False)
+    with _quiet():
+        engine, *_ = _deepspeed().initialize(model=module, config=frozen, dist_init_required=False)
     engine.eval()
     _ENGINES.append(engine)  # its hooks on ``module`` gather the weights; callers keep using ``module``
 
@@ -140,9 +153,7 @@ def gathered(params: list[torch.Tensor], modify: bool = False):
     params = [p for p in params if is_partitioned(p)]
     if not params:
         return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+    return _deepspeed().zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 def full_state_dict(module: torch.nn.Module, keep=lambda name: True) -> dict:
@@ -175,13 +186,15 @@ def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
 
 def save_checkpoint(engine, directory: Path) -> None:
     """The engine's state (every rank writes its partition of the optimizer states)."""
-    engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+    with _quiet():
+        engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
 
 def load_checkpoint(engine, directory: Path) -> None:
     if not (directory / TAG).is_dir():
         raise UsageError(f"{directory}: written without DeepSpeed (no {TAG}/ folder); resume it without --deepspeed")
-    path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                     load_lr_scheduler_states=True)
+    with _quiet():
+        path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
     if path is None:
         raise UsageError(f"{directory / TAG}: DeepSpeed could not read it (was it written by as many processes?)")
