@@ -105,6 +105,8 @@ def setup(device: str, fsdp: bool = False, lora: bool = True, deepspeed: str | N
         if fsdp or ds:
             log(f"{'--fsdp' if fsdp else 'DeepSpeed'}: one process, nothing to shard; training unsharded")
         return Parallel()
+    if ds:
+        zero.import_deepspeed()  # installed? (else exit 2 before anything is written)
     if _dist() is None:
         import torch.distributed as dist
 

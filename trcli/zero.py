@@ -95,10 +95,13 @@ def engine_config(config: dict, train, world: int) -> dict:
     return out
 
 
-def _deepspeed():
+def import_deepspeed():
     """deepspeed, imported with its log on stderr: trcli's stdout carries results only (--json)."""
-    with contextlib.redirect_stdout(sys.stderr):  # its logger binds to the stdout of import time
-        import deepspeed
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # its logger binds to the stdout of import time
+            import deepspeed
+    except ImportError:
+        raise UsageError("DeepSpeed is not installed: pip install 'trcli[deepspeed]'") from None
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return deepspeed
 
@@ -110,8 +113,11 @@ def _quiet():
 def initialize(model: torch.nn.Module, optimizer, make_scheduler, config: dict):
     """The policy's engine: partitions gradients and optimizer states (and, at stage 3, weights)."""
     with _quiet():
-        engine, *_ = _deepspeed().initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
+        engine, *_ = import_deepspeed().initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                              config=config, dist_init_required=False)
+    if getattr(engine, "managed_gradient_accumulation", lambda: True)():
+        raise UsageError("this DeepSpeed does not let trcli's loop own gradient accumulation "
+                         "(managed_gradient_accumulation); install deepspeed>=0.19.8")
     return engine
 
 
@@ -133,7 +139,7 @@ def partition_frozen(module: torch.nn.Module, config: dict) -> None:
     frozen["zero_optimization"] = {**config["zero_optimization"], "stage3_param_persistence_threshold": 0}
     frozen["zero_optimization"].pop("offload_optimizer", None)
     with _quiet():
-        engine, *_ = _deepspeed().initialize(model=module, config=frozen, dist_init_required=False)
+        engine, *_ = import_deepspeed().initialize(model=module, config=frozen, dist_init_required=False)
     engine.eval()
     _ENGINES.append(engine)  # its hooks on ``module`` gather the weights; callers keep using ``module``
 
@@ -153,7 +159,7 @@ def gathered(params: list[torch.Tensor], modify: bool = False):
     params = [p for p in params if is_partitioned(p)]
     if not params:
         return contextlib.nullcontext()
-    return _deepspeed().zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+    return import_deepspeed().zero.GatheredParameters(params, modifier_rank=0 if modify else None)
 
 
 def full_state_dict(module: torch.nn.Module, keep=lambda name: True) -> dict:

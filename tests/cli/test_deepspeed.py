@@ -90,3 +90,22 @@ def test_zero3_full_fine_tuning_partitions_the_reference_and_matches_one_process
     shutil.rmtree(two / "checkpoint-3")
     result = torchrun(*args, "--resume", "-o", two)
     assert result.returncode != 0 and "written under DeepSpeed" in result.stderr
+
+
+@pytest.mark.parametrize("config, no_lora", [("deepspeed-zero2.yaml", False), ("deepspeed-zero3.yaml", True)])
+def test_accelerate_launch_with_the_shipped_deepspeed_configs_trains_sft_like_one_process(tmp_path, tiny_model,
+                                                                                        prep_run, config, no_lora):
+    sft = ["sft", "--model", tiny_model, "--from", prep_run, "--max-steps", "2", "--batch-size", "4",
+           "--lr", "1e-3", "--lora-r", "4", "--device", "cpu", *(["--no-lora"] if no_lora else [])]
+    weights = (lambda run: full(run, "weights")) if no_lora else (lambda run: adapter(run, "adapter"))
+    stderr = sft_matches_one_process(tmp_path, config, sft, weights, atol=2e-5)
+    assert f"DeepSpeed ZeRO-{config[-6]}" in stderr
+
+
+def test_qlora_and_fsdp_with_deepspeed_are_refused_before_anything_is_written(tmp_path, sft_run):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    result = run_cli(*ALIGN, "--from", sft_run, "--quantize", "4bit", "-o", tmp_path / "x", env=env)
+    assert result.exit_code == 2 and "QLoRA (--quantize 4bit) under DeepSpeed is not supported" in result.stderr
+    result = run_cli(*ALIGN, "--from", sft_run, "--no-lora", "--fsdp", "--deepspeed", "2", "-o", tmp_path / "y")
+    assert result.exit_code == 2 and "--fsdp and DeepSpeed both requested" in result.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

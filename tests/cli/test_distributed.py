@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import metrics, ok, run_cli
+from conftest import metrics, ok
 
 RECIPES = Path(__file__).parents[2] / "recipes" / "accelerate"
 ALIGN = ["align", "--method", "tr-dpo", "--update", "soft", "--alpha", "0.6", "--max-steps", "3",
@@ -141,8 +141,7 @@ def test_fsdp_full_fine_tuning_matches_one_process_and_resumes_exactly(tmp_path,
     assert result.returncode != 0 and "trcli align: error: this checkpoint was written without --fsdp" in result.stderr
 
 
-def test_accelerate_fsdp_config_shards_full_fine_tuning_and_refuses_lora_and_deepspeed(tmp_path, tiny_model, prep_run,
-                                                                                      sft_run):
+def test_accelerate_fsdp_config_shards_full_fine_tuning_and_refuses_lora(tmp_path, tiny_model, prep_run, sft_run):
     sft = ["sft", "--model", tiny_model, "--from", prep_run, "--no-lora", "--max-steps", "2", "--batch-size", "4",
            "--lr", "1e-3", "--device", "cpu"]
     stderr = sft_matches_one_process(tmp_path, "fsdp.yaml", sft, lambda run: full(run, "weights"), atol=2e-5)
@@ -150,8 +149,4 @@ def test_accelerate_fsdp_config_shards_full_fine_tuning_and_refuses_lora_and_dee
 
     result = accelerate("fsdp.yaml", *ALIGN, "--from", sft_run, "-o", tmp_path / "x")  # LoRA
     assert result.returncode != 0 and "FSDP shards full fine-tuning (--no-lora)" in result.stderr
-    # DeepSpeed's launcher needs deepspeed installed; what trcli sees is the same kind of variable.
-    env = {"WORLD_SIZE": "2", "RANK": "0", "ACCELERATE_USE_DEEPSPEED": "true"}
-    result = run_cli(*ALIGN, "--from", sft_run, "-o", tmp_path / "y", env=env)
-    assert result.exit_code == 2 and "DeepSpeed" in result.stderr and "ddp.yaml" in result.stderr
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    assert not (tmp_path / "x").exists()
