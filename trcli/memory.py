@@ -274,8 +274,8 @@ def plan_or_none(cfg: Config, stage: str) -> dict | None:
     from trcli.distributed import fsdp_requested
 
     # --fsdp / --deepspeed, or launched with accelerate's fsdp.yaml / deepspeed-zero*.yaml
-    stage = zero.stage(zero.requested(cfg.train.deepspeed))
-    update = {"fsdp": fsdp_requested(cfg.train.fsdp), "deepspeed": str(stage) if stage else None}
+    zero_stage = zero.stage(zero.requested(cfg.train.deepspeed))
+    update = {"fsdp": fsdp_requested(cfg.train.fsdp), "deepspeed": str(zero_stage) if zero_stage else None}
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
     return estimate(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")))
 

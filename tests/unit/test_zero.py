@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from conftest import run_cli
+from conftest import ok, run_cli
 from trcli import zero
 from trcli.config import load
 from trcli.errors import UsageError
@@ -83,3 +83,13 @@ def test_memory_plan_partitions_what_each_stage_partitions():
         assert rows["3"][item] == -(-rows[None][item] // 8)
     assert "gathered blocks (ZeRO-3, transient)" in rows["3"]
     assert plans[None]["fits"] is False and plans["2"]["fits"] is False and plans["3"]["fits"] is True
+
+
+def test_dry_run_under_accelerates_deepspeed_launch_plans_partitioned(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3", "WORLD_SIZE": "8"}
+    result = ok("align", "--model", "EleutherAI/pythia-12b", "--no-lora", "--dtype", "bfloat16", "--max-length", "1024",
+                "--batch-size", "8", "--gradient-checkpointing", "--dry-run", "--device-memory", "80GB", "--json", env=env)
+    plan = json.loads(result.stdout)["plan"]
+    assert plan["method"] == "tr-dpo" and plan["world_size"] == 8 and plan["fits"] is True
+    assert "gathered blocks (ZeRO-3, transient)" in {r["item"] for r in plan["rows"]}
