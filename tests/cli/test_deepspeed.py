@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 
@@ -10,7 +9,8 @@ import pytest
 import torch
 
 from conftest import metrics, ok, run_cli
-from test_distributed import ALIGN, accelerate, adapter, deltas, full, sft_matches_one_process, torchrun
+from test_distributed import (ALIGN, adapter, deltas, full, sharded_full_fine_tuning_matches_one_process,
+                              sft_matches_one_process, torchrun)
 
 
 def same_run(one, two, rel=1e-4):
@@ -63,29 +63,7 @@ def test_zero_lora_tr_dpo_matches_one_process_and_resumes_exactly(tmp_path, sft_
 
 
 def test_zero3_full_fine_tuning_partitions_the_reference_and_matches_one_process(tmp_path, tiny_model, prep_run):
-    args = ["align", "--model", tiny_model, "--from", prep_run, "--no-lora", "--method", "tr-dpo", "--update", "soft",
-            "--max-steps", "3", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--logging-steps", "1",
-            "--seed", "3", "--device", "cpu"]
-    one, two, cut = tmp_path / "one", tmp_path / "two", tmp_path / "cut"
-    ok(*args, "-o", one)
-    result = torchrun(*args, "--deepspeed", "3", "-o", two)
-    assert result.returncode == 0, result.stderr
-    for folder in ("policy", "reference", "checkpoint-2/policy", "checkpoint-2/reference"):
-        single, double = full(one, folder), full(two, folder)
-        assert single.keys() == double.keys()
-        for key in single:
-            torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=2e-5)
-    same_run(one, two)
-
-    shutil.copytree(two, cut)
-    for name in ("checkpoint-3", "policy", "reference"):
-        shutil.rmtree(cut / name)
-    result = torchrun(*args, "--deepspeed", "3", "--resume", "-o", cut)
-    assert result.returncode == 0, result.stderr
-    for folder in ("policy", "reference"):
-        a, b = full(two, folder), full(cut, folder)
-        assert all(torch.equal(a[k], b[k]) for k in a), folder
-
+    args, _, two = sharded_full_fine_tuning_matches_one_process(tmp_path, tiny_model, prep_run, "--deepspeed", "3")
     # A DeepSpeed checkpoint keeps its optimizer state in the engine's files: resuming without it is refused.
     shutil.rmtree(two / "checkpoint-3")
     result = torchrun(*args, "--resume", "-o", two)
