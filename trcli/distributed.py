@@ -243,19 +243,14 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
             start = end
 
 
-def mean_row(row: dict) -> dict:
-    """A logged metrics row averaged over ranks (throughput summed)."""
+def sum_row(row: dict[str, float]) -> dict[str, float]:
+    """Each key summed over the ranks that have it (a rank whose shard was empty has none)."""
     dist = _dist()
     if dist is None:
-        return row
+        return dict(row)
     rows: list = [None] * world_size()
     dist.all_gather_object(rows, row)
-    out = dict(row)
-    for key in dict.fromkeys(k for r in rows for k in r):  # a rank with no data this step lacks keys
-        values = [r[key] for r in rows if isinstance(r.get(key), float)]
-        if key != "step" and values:
-            out[key] = sum(values) if key == "tokens_per_s" else sum(values) / len(values)
-    return out
+    return {key: sum(r[key] for r in rows if key in r) for key in dict.fromkeys(k for r in rows for k in r)}
 
 
 def any_rank(flag: bool) -> bool:

@@ -211,7 +211,7 @@ def estimate(cfg: Config, stage: str, world_size: int = 1) -> dict:
     rows.append(("gradients", trainable * grad_bytes, ""))
     rows.append(("optimizer (AdamW)", 2 * trainable * grad_bytes, "two moments per trainable parameter"))
     zero_stage = int(t.deepspeed) if t.deepspeed in ("2", "3") and world_size > 1 else 0
-    if zero_stage:
+    if zero_stage == 2 or (zero_stage == 3 and grad_bytes != 4):  # ZeRO-3 steps fp32 weights in place
         rows.append(("fp32 master weights (ZeRO)", trainable * 4, "DeepSpeed's copy of the trainable weights"))
     split = lambda row, how: (row[0], -(-row[1] // world_size), f"{row[2]}; 1/{world_size} per device ({how})".lstrip("; "))
     if zero_stage == 2:  # gradients and optimizer states partitioned, weights replicated

@@ -8,7 +8,6 @@ A checkpoint ``checkpoint-N/`` holds the stage's weights (written by ``save``) a
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import sys
@@ -195,6 +194,9 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     for step in range(start + 1, steps + 1):
         logging = step % train.logging_steps == 0 or step == steps
         bad = None
+        # This rank's part of the step's metrics: each micro-batch's, weighted by the rank's share of it,
+        # so that the sum over ranks is what one process would log (token counts are summed as they are).
+        sums: dict[str, float] = {}
         for micro in range(train.grad_accum):
             # Each rank takes its slice of the global micro-batch (all of it in one process).
             whole = micro_batch((step - 1) * train.grad_accum + micro)
@@ -219,28 +221,41 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                 (loss * share / train.grad_accum).backward()
             if stand_in:
                 continue
-            window_tokens += metrics.pop("tokens", 0)
+            sums["tokens"] = sums.get("tokens", 0) + metrics.pop("tokens", 0)
             for key, value in metrics.items():
-                window.setdefault(key, []).append(float(value))
+                sums[key] = sums.get(key, 0.0) + float(value) * share / train.grad_accum
         if distributed.any_rank(bad is not None):  # all ranks stop together, none waits in a collective
             kept = latest_checkpoint(run_dir)
             raise TrcliError(f"loss is {bad if bad is not None else 'not finite on another rank'} at step {step}; "
                              f"stopped (last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
         lr = scheduler.get_last_lr()[0]
         if engine is not None:  # reduce, clip (its gradient_clipping), step, schedule, zero
-            engine.step()
-            grad_norm = engine.get_global_grad_norm()
+            skipped = engine.skipped_steps
+            engine.step()  # a non-finite gradient makes it skip the step (and the schedule) silently
+            finite = engine.skipped_steps == skipped
+            grad_norm = engine.get_global_grad_norm() if finite else float("inf")
         else:
             distributed.all_reduce_grads(params)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
             if distributed.is_sharded(grad_norm):
                 grad_norm = grad_norm.full_tensor()
+            finite = bool(torch.isfinite(grad_norm))
+        if not finite:  # the norm is global: every rank stops here
+            kept = latest_checkpoint(run_dir)
+            raise TrcliError(f"gradient norm is not finite at step {step}; stopped before the update "
+                             f"(last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None: DeepSpeed told not to compute it
+        if engine is None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        window.setdefault("grad_norm", []).append(float(grad_norm))
-        # Averaged over ranks, so that a KL-triggered reference update is decided alike everywhere.
-        extra = hooks.after_step(step, distributed.mean_row({k: v[-1] for k, v in window.items()}), logging)
+        # The step's metrics over all ranks (the same everywhere: a KL-triggered update is decided alike).
+        step_metrics = distributed.sum_row(sums)
+        window_tokens += step_metrics.pop("tokens", 0)
+        step_metrics["grad_norm"] = grad_norm
+        for key, value in step_metrics.items():
+            window.setdefault(key, []).append(value)
+        extra = hooks.after_step(step, step_metrics, logging)
         if hooks.evaluate is not None and train.eval_steps and step % train.eval_steps == 0:
             extra.update(hooks.evaluate())
         if logging:
@@ -249,7 +264,6 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             row.update({k: sum(v) / len(v) for k, v in window.items() if v})
             row.update(extra)
             row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-            row = distributed.mean_row(row)
             sinks.write(row)
             last = row
             window, window_tokens, window_start = {}, 0, time.perf_counter()

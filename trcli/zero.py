@@ -45,7 +45,10 @@ def requested(value: str | None) -> dict | None:
         return None
     if os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         return _read_json(Path(os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]))
-    zero: dict = {"stage": int(os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2"))}
+    stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    if stage not in ("2", "3"):
+        raise UsageError(f"accelerate's DeepSpeed config: zero_stage must be 2 or 3 (got {stage})")
+    zero: dict = {"stage": int(stage)}
     for kind in ("optimizer", "param"):
         device = os.environ.get(f"ACCELERATE_DEEPSPEED_OFFLOAD_{kind.upper()}_DEVICE", "none")
         if device != "none":
@@ -82,6 +85,17 @@ def engine_config(config: dict, train, world: int) -> dict:
         if theirs != "auto" and theirs != value:
             raise UsageError(f"DeepSpeed config: {key} is {theirs} but trcli's flags make it {value}; "
                              "set it with trcli's flags or write \"auto\"")
+    # The reference update writes the partitions in place; these keep other copies that it would not reach
+    # (hpZ's secondary partitions, quantized frozen weights, parameters swapped out to NVMe).
+    zero = config["zero_optimization"]
+    for key, off in (("zero_hpz_partition_size", 1), ("zero_quantized_weights", False),
+                     ("zero_quantized_nontrainable_weights", False)):
+        if zero.get(key, off) != off:
+            raise UsageError(f"DeepSpeed config: zero_optimization.{key} is not supported (the reference is "
+                             "updated in place on the partitions); remove it")
+    if zero.get("offload_param", {}).get("device") == "nvme":
+        raise UsageError("DeepSpeed config: offload_param to nvme is not supported (the reference is updated in "
+                         "place on the partitions); offload to cpu or not at all")
     for key in ("optimizer", "scheduler", "fp16", "bf16"):
         block = config.get(key)
         if block and block != "auto" and (key in ("optimizer", "scheduler") or block.get("enabled") not in (False, "auto")):
@@ -193,7 +207,8 @@ def load_full_state_dict(module: torch.nn.Module, state: dict) -> None:
 def save_checkpoint(engine, directory: Path) -> None:
     """The engine's state (every rank writes its partition of the optimizer states)."""
     with _quiet():
-        engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        # Only what trains: frozen weights (a LoRA base, the reference) are in the usual folders or the start.
+        engine.save_checkpoint(str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
 
 
 def load_checkpoint(engine, directory: Path) -> None:
@@ -201,6 +216,6 @@ def load_checkpoint(engine, directory: Path) -> None:
         raise UsageError(f"{directory}: written without DeepSpeed (no {TAG}/ folder); resume it without --deepspeed")
     with _quiet():
         path, _ = engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
+                                         load_lr_scheduler_states=True, load_module_strict=False)
     if path is None:
         raise UsageError(f"{directory / TAG}: DeepSpeed could not read it (was it written by as many processes?)")

@@ -97,6 +97,9 @@ def sft_matches_one_process(tmp_path: Path, config: str, sft: list, weights, ato
     single, double = weights(tmp_path / "one"), weights(tmp_path / "two")
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=atol)
+    # The logged loss is one process's token mean, although the ranks' shards hold different token counts.
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     return result.stderr
 
 

@@ -29,6 +29,10 @@ def test_a_stage_a_json_file_or_accelerates_launch(tmp_path, monkeypatch):
     assert zero.requested(None) == {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))  # a deepspeed_config_file wins
     assert zero.stage(zero.requested(None)) == 3 and "offload_param" in zero.requested(None)["zero_optimization"]
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "1")
+    with pytest.raises(UsageError, match="zero_stage must be 2 or 3"):
+        zero.requested(None)
 
 
 @pytest.mark.parametrize("text, message", [
@@ -55,6 +59,11 @@ def test_trcli_flags_fill_the_engine_config_and_a_contradiction_is_refused():
     for key, block in (("optimizer", {"type": "AdamW"}), ("scheduler", {"type": "WarmupLR"}), ("bf16", {"enabled": True})):
         with pytest.raises(UsageError, match=f"remove '{key}'"):
             zero.engine_config({**base, key: block}, train, world=2)
+    # Settings that keep copies of the weights the in-place reference update would not reach.
+    for key, value in (("zero_hpz_partition_size", 2), ("zero_quantized_weights", True),
+                       ("zero_quantized_nontrainable_weights", True), ("offload_param", {"device": "nvme"})):
+        with pytest.raises(UsageError, match=key):
+            zero.engine_config({"zero_optimization": {"stage": 3, key: value}}, train, world=2)
 
 
 def test_cli_names_the_bad_file_with_exit_code_2_and_writes_nothing(tmp_path):
