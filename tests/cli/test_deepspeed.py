@@ -85,3 +85,14 @@ def test_qlora_and_fsdp_with_deepspeed_are_refused_before_anything_is_written(tm
     result = run_cli(*ALIGN, "--from", sft_run, "--no-lora", "--fsdp", "--deepspeed", "2", "-o", tmp_path / "y")
     assert result.exit_code == 2 and "--fsdp and DeepSpeed both requested" in result.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_zero3_lora_on_bf16_weights_with_gradient_checkpointing_matches_ddp(tmp_path, sft_run):
+    # bf16 frozen weights, fp32 adapters (trcli's precision without DeepSpeed too), checkpointed layers.
+    args = [*ALIGN, "--from", sft_run, "--dtype", "bfloat16", "--gradient-checkpointing"]
+    ddp, zero3 = torchrun(*args, "-o", tmp_path / "ddp"), torchrun(*args, "--deepspeed", "3", "-o", tmp_path / "z3")
+    assert ddp.returncode == 0 and zero3.returncode == 0, ddp.stderr + zero3.stderr
+    single, double = adapter(tmp_path / "ddp", "policy"), adapter(tmp_path / "z3", "policy")
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-3, atol=1e-5)
+    same_run(tmp_path / "ddp", tmp_path / "z3", rel=1e-3)
