@@ -83,13 +83,13 @@ class TrainConfig(Section):
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
     fsdp: bool = Field(False, description="Shard full fine-tuning with FSDP across the launched processes.")
     deepspeed: str | None = Field(None, description="DeepSpeed ZeRO across the launched processes: 2, 3 or a JSON file.")
+    dry_run: bool = Field(False, description="Print the memory plan and exit.")
+    device_memory: str | None = Field(None, description="Device memory for the plan, e.g. 80GB.")
 
     @field_validator("deepspeed", mode="before")
     @classmethod
-    def _stage_as_text(cls, value):
+    def _stage_as_text(cls, value):  # `deepspeed: 3` in a recipe
         return str(value) if isinstance(value, int) else value
-    dry_run: bool = Field(False, description="Print the memory plan and exit.")
-    device_memory: str | None = Field(None, description="Device memory for the plan, e.g. 80GB.")
 
 
 class AlignConfig(Section):

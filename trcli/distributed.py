@@ -73,7 +73,7 @@ class Parallel:
     """How the launched processes share the work: FSDP, DeepSpeed (its config), or plain replicas."""
 
     fsdp: bool = False
-    deepspeed: dict | None = None
+    deepspeed: dict | None = None  # the engine's config
 
     @property
     def zero3(self) -> bool:
@@ -85,23 +85,25 @@ class Parallel:
         return self.fsdp or self.zero3
 
 
-def setup(device: str, fsdp: bool = False, lora: bool = True, deepspeed: str | None = None,
-          quantized: bool = False) -> Parallel:
+def setup(cfg) -> Parallel:
     """Join the process group a launcher described (RANK / WORLD_SIZE / MASTER_ADDR in the
     environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process. Returns how to
     share the work: FSDP (``--fsdp`` or accelerate's FSDP config, full fine-tuning only) or
-    DeepSpeed ZeRO (``--deepspeed`` or accelerate's DeepSpeed configs), with several processes."""
-    fsdp, ds = fsdp_requested(fsdp), zero.requested(deepspeed)
-    if fsdp and lora:
+    DeepSpeed ZeRO (``--deepspeed`` or accelerate's DeepSpeed configs, with the engine config that
+    trcli's flags complete), with several processes. Bad settings stop here, before anything is written."""
+    fsdp, ds = fsdp_requested(cfg.train.fsdp), zero.requested(cfg.train.deepspeed)
+    if fsdp and cfg.model.lora:
         raise UsageError("FSDP shards full fine-tuning (--no-lora); LoRA / QLoRA adapters are small and "
                          "replicated: use recipes/accelerate/ddp.yaml or plain torchrun")
     if fsdp and ds:
         raise UsageError("--fsdp and DeepSpeed both requested; choose one")
-    if ds and quantized:
+    if ds and cfg.model.quantize == "4bit":
         raise UsageError("QLoRA (--quantize 4bit) under DeepSpeed is not supported; use DDP "
                          "(recipes/accelerate/ddp.yaml or plain torchrun): the adapters are replicated anyway")
-    several = int(os.environ.get("WORLD_SIZE", "1")) > 1 or world_size() > 1
-    if not several:
+    processes = max(int(os.environ.get("WORLD_SIZE", "1")), world_size())
+    if ds:
+        ds = zero.engine_config(ds, cfg.train, processes)
+    if processes == 1:
         if fsdp or ds:
             log(f"{'--fsdp' if fsdp else 'DeepSpeed'}: one process, nothing to shard; training unsharded")
         return Parallel()
@@ -110,7 +112,7 @@ def setup(device: str, fsdp: bool = False, lora: bool = True, deepspeed: str | N
     if _dist() is None:
         import torch.distributed as dist
 
-        cuda = device != "cpu" and torch.cuda.is_available()
+        cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
         if cuda:  # "cuda" (no index) then means this rank's GPU everywhere in the code
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")

@@ -114,7 +114,7 @@ class _Sinks:
 def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.nn.Parameter], hooks: Hooks,
         deepspeed: dict | None = None) -> dict:
     """Train for the configured number of optimizer steps; return the last logged metrics. With a
-    ``deepspeed`` config the engine does backward, clipping and the optimizer step (trcli.zero)."""
+    DeepSpeed engine config the engine does backward, clipping and the optimizer step (trcli.zero)."""
     from transformers import get_scheduler
 
     train = cfg.train
@@ -128,8 +128,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                                                num_training_steps=steps)
     engine = None
     if deepspeed is not None:
-        engine = zero.initialize(model, optimizer, make_scheduler,
-                                 zero.engine_config(deepspeed, train, distributed.world_size()))
+        engine = zero.initialize(model, optimizer, make_scheduler, deepspeed)
         optimizer, scheduler = engine.optimizer, engine.lr_scheduler
     else:
         scheduler = make_scheduler(optimizer)

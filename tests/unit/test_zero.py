@@ -66,12 +66,17 @@ def test_trcli_flags_fill_the_engine_config_and_a_contradiction_is_refused():
             zero.engine_config({"zero_optimization": {"stage": 3, key: value}}, train, world=2)
 
 
-def test_cli_names_the_bad_file_with_exit_code_2_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("config, message", [
+    ({"zero_optimization": {"stage": 0}}, "{path}: zero_optimization.stage must be 2 or 3"),
+    ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}, "zero_optimization.zero_hpz_partition_size"),
+    ({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, "gradient_clipping is 1.0 but trcli's flags make it 2.0"),
+])
+def test_cli_refuses_a_bad_deepspeed_json_with_exit_code_2_and_writes_nothing(tmp_path, sft_run, config, message):
     bad = tmp_path / "ds.json"
-    bad.write_text('{"zero_optimization": {"stage": 0}}')
-    result = run_cli("align", "--model", "m", "--data", str(tmp_path), "--deepspeed", str(bad), "-o", tmp_path / "out")
-    assert result.exit_code == 2 and str(bad) in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "out").exists()
+    bad.write_text(json.dumps(config))
+    result = run_cli("align", "--from", sft_run, "--max-grad-norm", "2", "--deepspeed", str(bad), "-o", tmp_path / "out")
+    assert result.exit_code == 2 and message.format(path=bad) in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_memory_plan_partitions_what_each_stage_partitions():

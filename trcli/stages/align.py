@@ -45,8 +45,7 @@ def run(cfg: Config) -> dict:
         raise UsageError("KTO estimates its KL baseline from mismatched pairs in a batch: "
                          "--batch-size must be >= 2")
     schedule = Schedule.from_config(align)
-    parallel = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora, cfg.train.deepspeed,
-                                 quantized=cfg.model.quantize == "4bit")
+    parallel = distributed.setup(cfg)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
 
@@ -87,7 +86,7 @@ def run(cfg: Config) -> dict:
         if parallel.fsdp:
             distributed.shard_model(module)
         else:
-            zero.partition_frozen(module, zero.engine_config(parallel.deepspeed, cfg.train, distributed.world_size()))
+            zero.partition_frozen(module, parallel.deepspeed)
     pad = tokenizer.pad_token_id
 
     @torch.no_grad()

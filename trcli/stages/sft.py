@@ -30,8 +30,7 @@ def run(cfg: Config) -> dict:
         raise UsageError("sft needs --output DIR")
     if not cfg.data.path:
         raise UsageError("sft needs data: --data PREP_DIR or --from a prep run")
-    parallel = distributed.setup(cfg.train.device, cfg.train.fsdp, cfg.model.lora, cfg.train.deepspeed,
-                                 quantized=cfg.model.quantize == "4bit")
+    parallel = distributed.setup(cfg)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
