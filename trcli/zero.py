@@ -109,6 +109,12 @@ def engine_config(config: dict, train, world: int) -> dict:
     return out
 
 
+def installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def import_deepspeed():
     """deepspeed, imported with its log on stderr: trcli's stdout carries results only (--json)."""
     try:

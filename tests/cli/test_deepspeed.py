@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 
@@ -96,3 +97,15 @@ def test_zero3_lora_on_bf16_weights_with_gradient_checkpointing_matches_ddp(tmp_
     for key in single:
         torch.testing.assert_close(double[key], single[key], rtol=1e-3, atol=1e-5)
     same_run(tmp_path / "ddp", tmp_path / "z3", rel=1e-3)
+
+
+def test_with_deepspeed_installed_stdout_still_carries_only_the_result(tmp_path, tiny_model, prep_run):
+    # transformers' save_pretrained imports deepspeed whenever it is installed, and deepspeed logs to stdout.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "trcli.cli", "sft", "--model", str(tiny_model), "--from", str(prep_run),
+                             "--no-lora", "--max-steps", "1", "--batch-size", "4", "--device", "cpu", "--json",
+                             "-o", str(tmp_path / "full")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 1 and json.loads(result.stdout)["stage"] == "sft", result.stdout
