@@ -123,7 +123,8 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         raise TrcliError("no training batches")
     steps = total_steps(cfg, micro_per_epoch)
     distributed.check_batch_size(train.batch_size)
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = (torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay) if deepspeed is None
+                 else zero.adamw(params, train.learning_rate, train.weight_decay, deepspeed))
     make_scheduler = lambda opt: get_scheduler(train.lr_scheduler, opt, num_warmup_steps=train.warmup_steps,
                                                num_training_steps=steps)
     engine = None

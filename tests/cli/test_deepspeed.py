@@ -69,6 +69,16 @@ def test_zero3_full_fine_tuning_partitions_the_reference_and_matches_one_process
     assert result.returncode != 0 and "written under DeepSpeed" in result.stderr
 
 
+def test_zero3_with_optimizer_and_weights_offloaded_to_cpu_matches_one_process(tmp_path, tiny_model, prep_run):
+    # Offloaded optimizer states take DeepSpeed's CPU AdamW (the same update; it refuses torch's there).
+    # Its resumed run ends within an ulp of the uninterrupted one, not bit for bit.
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                                        "offload_param": {"device": "cpu"}}}))
+    sharded_full_fine_tuning_matches_one_process(tmp_path, tiny_model, prep_run, "--deepspeed", str(config),
+                                                 resume_atol=1e-6)
+
+
 @pytest.mark.parametrize("config, no_lora", [("deepspeed-zero2.yaml", False), ("deepspeed-zero3.yaml", True)])
 def test_accelerate_launch_with_the_shipped_deepspeed_configs_trains_sft_like_one_process(tmp_path, tiny_model,
                                                                                         prep_run, config, no_lora):

@@ -107,10 +107,12 @@ def full(run: Path, folder: str) -> dict[str, torch.Tensor]:
     return load_file(str(run / folder / "model.safetensors"))
 
 
-def sharded_full_fine_tuning_matches_one_process(tmp_path: Path, tiny_model, prep_run, *shard: str):
+def sharded_full_fine_tuning_matches_one_process(tmp_path: Path, tiny_model, prep_run, *shard: str,
+                                                 resume_atol: float = 0.0):
     """Full-fine-tuning TR-DPO sharded with ``shard`` (--fsdp, --deepspeed 3) in two processes ends with
     the policy, reference and step-2 checkpoint of one process, the same losses and gradient norms; killed
-    after the step-2 checkpoint and resumed, it ends bit for bit where it ended. Returns (args, one, two)."""
+    after the step-2 checkpoint and resumed, it ends where it ended (bit for bit unless ``resume_atol``).
+    Returns (args, one, two)."""
     args = ["align", "--model", tiny_model, "--from", prep_run, "--no-lora", "--method", "tr-dpo", "--update", "soft",
             "--max-steps", "3", "--save-steps", "2", "--batch-size", "4", "--lr", "1e-3", "--logging-steps", "1",
             "--seed", "3", "--device", "cpu"]
@@ -137,7 +139,8 @@ def sharded_full_fine_tuning_matches_one_process(tmp_path: Path, tiny_model, pre
     assert result.returncode == 0, result.stderr
     for folder in ("policy", "reference"):
         a, b = full(two, folder), full(cut, folder)
-        assert all(torch.equal(a[k], b[k]) for k in a), folder
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=resume_atol)
     return args, one, two
 
 
