@@ -161,8 +161,9 @@ def _upstream_rank(cfg: Config) -> int:
     return cfg.model.lora_r
 
 
-def estimate(cfg: Config, stage: str, world_size: int = 1) -> dict:
-    """The memory plan: rows of (item, bytes, note) and the peak, per device."""
+def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | None = None) -> dict:
+    """The memory plan: rows of (item, bytes, note) and the peak, per device (``deepspeed``: its config)."""
+    from trcli import zero
     from trcli.trust_region import Schedule
 
     shape = model_shape(cfg.model.name_or_path)
@@ -210,7 +211,7 @@ def estimate(cfg: Config, stage: str, world_size: int = 1) -> dict:
                 rows.append(("starting reference (fp32)", shape.params() * 4, "kept for kl/init"))
     rows.append(("gradients", trainable * grad_bytes, ""))
     rows.append(("optimizer (AdamW)", 2 * trainable * grad_bytes, "two moments per trainable parameter"))
-    zero_stage = int(t.deepspeed) if t.deepspeed in ("2", "3") and world_size > 1 else 0
+    zero_stage = zero.stage(deepspeed) if world_size > 1 else 0
     if zero_stage == 2 or (zero_stage == 3 and grad_bytes != 4):  # ZeRO-3 steps fp32 weights in place
         rows.append(("fp32 master weights (ZeRO)", trainable * 4, "DeepSpeed's copy of the trainable weights"))
     split = lambda row, how: (row[0], -(-row[1] // world_size), f"{row[2]}; 1/{world_size} per device ({how})".lstrip("; "))
@@ -224,6 +225,14 @@ def estimate(cfg: Config, stage: str, world_size: int = 1) -> dict:
         rows = [split(row, sharding) for row in rows]
         block = (shape.params() - shape.other_params()) // max(1, shape.layers)
         rows.append((f"gathered blocks ({sharding}, transient)", 2 * block * 4, "one block and the prefetched next, fp32"))
+    if zero_stage:  # DeepSpeed's offload moves optimizer states (and, at ZeRO-3, weights) to host memory
+        offload = {kind: deepspeed["zero_optimization"].get(f"offload_{kind}", {}).get("device", "none") != "none"
+                   for kind in ("optimizer", "param")}
+        moved = lambda item: ((offload["optimizer"] and item in ("optimizer (AdamW)", "fp32 master weights (ZeRO)"))
+                              or (offload["param"] and zero_stage == 3
+                                  and item.startswith(("weights", "policy adapter", "reference", "starting reference"))))
+        rows = [(item, 0, f"{note}; {gib(size)} offloaded to host memory") if moved(item) else (item, size, note)
+                for item, size, note in rows]
 
     # Activations of the policy pass, with and without gradient checkpointing.
     tokens = seqs * length
@@ -274,10 +283,8 @@ def plan_or_none(cfg: Config, stage: str) -> dict | None:
     from trcli.distributed import fsdp_requested
 
     # --fsdp / --deepspeed, or launched with accelerate's fsdp.yaml / deepspeed-zero*.yaml
-    zero_stage = zero.stage(zero.requested(cfg.train.deepspeed))
-    update = {"fsdp": fsdp_requested(cfg.train.fsdp), "deepspeed": str(zero_stage) if zero_stage else None}
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=update)})
-    return estimate(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")))
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fsdp": fsdp_requested(cfg.train.fsdp)})})
+    return estimate(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")), zero.requested(cfg.train.deepspeed))
 
 
 def gib(n: int) -> str:

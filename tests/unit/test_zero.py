@@ -83,7 +83,7 @@ def test_memory_plan_partitions_what_each_stage_partitions():
     cfg = {"data.max_length": 1024, "train.device_memory": "80GB", "model.dtype": "bfloat16", "train.batch_size": 8,
            "align.method": "tr-dpo", "model.name_or_path": "EleutherAI/pythia-12b", "model.lora": False,
            "model.gradient_checkpointing": True}
-    plans = {stage: estimate(load(None, {**cfg, "train.deepspeed": stage}, environ={}), "align", world_size=8)["plan"]
+    plans = {stage: estimate(load(None, cfg, environ={}), "align", 8, zero.requested(stage))["plan"]
              for stage in (None, "2", "3")}
     rows = {stage: {r["item"]: r["bytes"] for r in plan["rows"]} for stage, plan in plans.items()}
     master = 4 * plans["3"]["params"]
@@ -107,3 +107,17 @@ def test_dry_run_under_accelerates_deepspeed_launch_plans_partitioned(monkeypatc
     plan = json.loads(result.stdout)["plan"]
     assert plan["method"] == "tr-dpo" and plan["world_size"] == 8 and plan["fits"] is True
     assert "gathered blocks (ZeRO-3, transient)" in {r["item"] for r in plan["rows"]}
+
+
+def test_memory_plan_counts_offloaded_states_and_weights_on_the_host():
+    cfg = load(None, {"data.max_length": 1024, "model.dtype": "bfloat16", "train.batch_size": 8, "model.lora": False,
+                      "model.name_or_path": "EleutherAI/pythia-12b", "model.gradient_checkpointing": True}, environ={})
+    offload = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}}
+    on_device = {r["item"]: r["bytes"] for r in estimate(cfg, "align", 8, zero.requested("3"))["plan"]["rows"]}
+    plan = estimate(cfg, "align", 8, offload)["plan"]
+    rows = {r["item"]: r for r in plan["rows"]}
+    for item in ("optimizer (AdamW)", "fp32 master weights (ZeRO)", "weights (bfloat16)", "reference copy (fp32)"):
+        assert rows[item]["bytes"] == 0 and "offloaded to host memory" in rows[item]["note"]
+    assert rows["gradients"]["bytes"] == on_device["gradients"]  # gradients stay on the device
+    moved = sum(on_device[item] for item in rows if rows[item]["bytes"] == 0 and on_device[item])
+    assert plan["total"] == sum(on_device.values()) - moved and moved > 5 * 2**30
