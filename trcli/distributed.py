@@ -103,10 +103,7 @@ def setup(cfg) -> Parallel:
     processes = max(int(os.environ.get("WORLD_SIZE", "1")), world_size())
     if ds:
         ds = zero.engine_config(ds, cfg.train, processes)
-    if ds or zero.installed():
-        # Installed? (else exit 2 before anything is written.) Imported now, with its log on stderr,
-        # even without --deepspeed: transformers' save_pretrained imports it whenever it is installed.
-        zero.import_deepspeed()
+    zero.prepare(ds)  # its config checked by DeepSpeed itself; its log on stderr even when merely installed
     if processes == 1:
         if fsdp or ds:
             log(f"{'--fsdp' if fsdp else 'DeepSpeed'}: one process, nothing to shard; training unsharded")

@@ -209,9 +209,11 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
             rows.append(("reference copy (fp32)", shape.params() * 4, "full frozen copy"))
             if schedule.mode != "none":
                 rows.append(("starting reference (fp32)", shape.params() * 4, "kept for kl/init"))
-    rows.append(("gradients", trainable * grad_bytes, ""))
-    rows.append(("optimizer (AdamW)", 2 * trainable * grad_bytes, "two moments per trainable parameter"))
     zero_stage = zero.stage(deepspeed) if world_size > 1 else 0
+    rows.append(("gradients", trainable * grad_bytes, ""))
+    # AdamW's moments: in the weights' dtype, or fp32 under ZeRO (it steps its fp32 master partitions).
+    rows.append(("optimizer (AdamW)", 2 * trainable * (4 if zero_stage else grad_bytes),
+                 "two moments per trainable parameter"))
     if zero_stage == 2 or (zero_stage == 3 and grad_bytes != 4):  # ZeRO-3 steps fp32 weights in place
         rows.append(("fp32 master weights (ZeRO)", trainable * 4, "DeepSpeed's copy of the trainable weights"))
     split = lambda row, how: (row[0], -(-row[1] // world_size), f"{row[2]}; 1/{world_size} per device ({how})".lstrip("; "))

@@ -109,21 +109,41 @@ def engine_config(config: dict, train, world: int) -> dict:
     return out
 
 
-def installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("deepspeed") is not None
-
-
 def import_deepspeed():
     """deepspeed, imported with its log on stderr: trcli's stdout carries results only (--json)."""
     try:
         with contextlib.redirect_stdout(sys.stderr):  # its logger binds to the stdout of import time
             import deepspeed
-    except ImportError:
-        raise UsageError("DeepSpeed is not installed: pip install 'trcli[deepspeed]'") from None
+    except ImportError as exc:
+        raise UsageError(f"DeepSpeed could not be imported ({exc}): pip install 'trcli[deepspeed]'") from None
     deepspeed.utils.logger.setLevel(logging.WARNING)
     return deepspeed
+
+
+def prepare(config: dict | None) -> None:
+    """Before anything is written: with a DeepSpeed config, import deepspeed and let it check the
+    config's zero_optimization block and that it lets trcli own accumulation; without one, import an
+    installed deepspeed anyway (transformers' save_pretrained would, with its log on stdout), quietly
+    ignoring one that does not import."""
+    import importlib.util
+
+    if config is None:
+        if importlib.util.find_spec("deepspeed") is not None:
+            with contextlib.suppress(Exception):
+                import_deepspeed()
+        return
+    deepspeed = import_deepspeed()
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**config["zero_optimization"])
+    except Exception as exc:  # pydantic's ValidationError: name the first bad key
+        first = exc.errors()[0] if hasattr(exc, "errors") else None
+        where = ".".join(map(str, first["loc"])) if first else ""
+        raise UsageError(f"DeepSpeed config: zero_optimization.{where}: {first['msg'] if first else exc}") from None
+    if not hasattr(deepspeed.DeepSpeedEngine, "managed_gradient_accumulation"):
+        raise UsageError(f"deepspeed {deepspeed.__version__} does not let trcli's loop own gradient accumulation "
+                         "(managed_gradient_accumulation); install deepspeed>=0.19.8")
 
 
 def _quiet():
@@ -146,9 +166,10 @@ def initialize(model: torch.nn.Module, optimizer, make_scheduler, config: dict):
     with _quiet():
         engine, *_ = import_deepspeed().initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
                                              config=config, dist_init_required=False)
-    if getattr(engine, "managed_gradient_accumulation", lambda: True)():
-        raise UsageError("this DeepSpeed does not let trcli's loop own gradient accumulation "
-                         "(managed_gradient_accumulation); install deepspeed>=0.19.8")
+    # Skip (and so report) a step with a non-finite gradient norm whatever the weights' dtype: without its
+    # own bf16 mode ZeRO-2 would apply a NaN step to bf16 weights.
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        engine.optimizer.check_grad_overflow = True
     return engine
 
 

@@ -70,6 +70,7 @@ def test_trcli_flags_fill_the_engine_config_and_a_contradiction_is_refused():
     ({"zero_optimization": {"stage": 0}}, "{path}: zero_optimization.stage must be 2 or 3"),
     ({"zero_optimization": {"stage": 3, "zero_hpz_partition_size": 8}}, "zero_optimization.zero_hpz_partition_size"),
     ({"zero_optimization": {"stage": 2}, "gradient_clipping": 1.0}, "gradient_clipping is 1.0 but trcli's flags make it 2.0"),
+    ({"zero_optimization": {"stage": 2, "overlap_comm": "maybe"}}, "zero_optimization.overlap_comm: Input should be"),
 ])
 def test_cli_refuses_a_bad_deepspeed_json_with_exit_code_2_and_writes_nothing(tmp_path, sft_run, config, message):
     bad = tmp_path / "ds.json"
@@ -89,7 +90,7 @@ def test_memory_plan_partitions_what_each_stage_partitions():
     master = 4 * plans["3"]["params"]
     # ZeRO-2: gradients, AdamW moments and the fp32 master copy per device are 1/8; weights and references whole.
     assert rows["2"]["gradients"] == -(-rows[None]["gradients"] // 8)
-    assert rows["2"]["optimizer (AdamW)"] == -(-rows[None]["optimizer (AdamW)"] // 8)
+    assert rows["2"]["optimizer (AdamW)"] == -(-2 * rows[None]["optimizer (AdamW)"] // 8)  # fp32 moments, bf16 weights
     assert rows["2"]["fp32 master weights (ZeRO)"] == -(-master // 8)
     assert rows["2"]["reference copy (fp32)"] == rows[None]["reference copy (fp32)"]
     # ZeRO-3: everything is 1/8, plus the blocks gathered for a pass: full TR-DPO of Pythia-12B fits 8 x 80 GB.
