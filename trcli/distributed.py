@@ -85,12 +85,10 @@ class Parallel:
         return self.fsdp or self.zero3
 
 
-def setup(cfg) -> Parallel:
-    """Join the process group a launcher described (RANK / WORLD_SIZE / MASTER_ADDR in the
-    environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process. Returns how to
-    share the work: FSDP (``--fsdp`` or accelerate's FSDP config, full fine-tuning only) or
-    DeepSpeed ZeRO (``--deepspeed`` or accelerate's DeepSpeed configs, with the engine config that
-    trcli's flags complete), with several processes. Bad settings stop here, before anything is written."""
+def requested(cfg) -> Parallel:
+    """What the flags and the launcher ask for: FSDP (``--fsdp`` or accelerate's FSDP config, full
+    fine-tuning only) or DeepSpeed ZeRO (``--deepspeed`` or accelerate's DeepSpeed configs, with the
+    engine config that trcli's flags complete). Refusals are raised here (the dry run's plan too)."""
     fsdp, ds = fsdp_requested(cfg.train.fsdp), zero.requested(cfg.train.deepspeed)
     if fsdp and cfg.model.lora:
         raise UsageError("FSDP shards full fine-tuning (--no-lora); LoRA / QLoRA adapters are small and "
@@ -101,8 +99,16 @@ def setup(cfg) -> Parallel:
         raise UsageError("QLoRA (--quantize 4bit) under DeepSpeed is not supported; use DDP "
                          "(recipes/accelerate/ddp.yaml or plain torchrun): the adapters are replicated anyway")
     processes = max(int(os.environ.get("WORLD_SIZE", "1")), world_size())
-    if ds:
-        ds = zero.engine_config(ds, cfg.train, processes)
+    return Parallel(fsdp=fsdp, deepspeed=zero.engine_config(ds, cfg.train, processes) if ds else None)
+
+
+def setup(cfg) -> Parallel:
+    """Join the process group a launcher described (RANK / WORLD_SIZE / MASTER_ADDR in the
+    environment): NCCL on CUDA, gloo on CPU. Nothing to do for a single process. Returns how the
+    processes share the work (:func:`requested`). Bad settings stop here, before anything is written."""
+    asked = requested(cfg)
+    fsdp, ds = asked.fsdp, asked.deepspeed
+    processes = max(int(os.environ.get("WORLD_SIZE", "1")), world_size())
     zero.prepare(ds)  # its config checked by DeepSpeed itself; its log on stderr even when merely installed
     if processes == 1:
         if fsdp or ds:
@@ -118,7 +124,7 @@ def setup(cfg) -> Parallel:
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
         how = ", sharding with FSDP" if fsdp else f", DeepSpeed ZeRO-{zero.stage(ds)}" if ds else ""
         log(f"joined the {dist.get_backend()} process group{how}")
-    return Parallel(fsdp=fsdp, deepspeed=ds)
+    return asked
 
 
 def is_sharded(tensor_or_module) -> bool:

@@ -281,12 +281,12 @@ def plan_or_none(cfg: Config, stage: str) -> dict | None:
     """The memory plan when --dry-run was asked for, else None."""
     if not cfg.train.dry_run:
         return None
-    from trcli import zero
-    from trcli.distributed import fsdp_requested
+    from trcli import distributed
 
-    # --fsdp / --deepspeed, or launched with accelerate's fsdp.yaml / deepspeed-zero*.yaml
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fsdp": fsdp_requested(cfg.train.fsdp)})})
-    return estimate(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")), zero.requested(cfg.train.deepspeed))
+    # --fsdp / --deepspeed, or launched with accelerate's fsdp.yaml / deepspeed-zero*.yaml; refused as the run would be
+    parallel = distributed.requested(cfg)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"fsdp": parallel.fsdp})})
+    return estimate(cfg, stage, int(os.environ.get("WORLD_SIZE", "1")), parallel.deepspeed)
 
 
 def gib(n: int) -> str:

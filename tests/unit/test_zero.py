@@ -122,3 +122,9 @@ def test_memory_plan_counts_offloaded_states_and_weights_on_the_host():
     assert rows["gradients"]["bytes"] == on_device["gradients"]  # gradients stay on the device
     moved = sum(on_device[item] for item in rows if rows[item]["bytes"] == 0 and on_device[item])
     assert plan["total"] == sum(on_device.values()) - moved and moved > 5 * 2**30
+
+
+def test_dry_run_refuses_what_the_run_would_refuse():
+    result = run_cli("align", "--model", "EleutherAI/pythia-12b", "--quantize", "4bit", "--deepspeed", "3", "--dry-run",
+                     env={"WORLD_SIZE": "8"})
+    assert result.exit_code == 2 and "QLoRA (--quantize 4bit) under DeepSpeed is not supported" in result.stderr
