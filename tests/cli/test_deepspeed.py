@@ -60,6 +60,11 @@ def test_zero_lora_tr_dpo_matches_one_process_and_resumes_exactly(tmp_path, sft_
                            r"\(fingerprint (\w+)\)", result.stderr))
     assert set(seen) == {"0", "1"} and seen["0"] == seen["1"], result.stderr
 
+    # A checkpoint written without DeepSpeed has no engine files: resuming it under DeepSpeed is refused.
+    shutil.rmtree(one / "checkpoint-3")
+    result = torchrun(*args, "--deepspeed", stage, "--resume", "-o", one)
+    assert result.returncode != 0 and "written without DeepSpeed (no deepspeed/ folder)" in result.stderr
+
 
 def test_zero3_full_fine_tuning_partitions_the_reference_and_matches_one_process(tmp_path, tiny_model, prep_run):
     args, _, two = sharded_full_fine_tuning_matches_one_process(tmp_path, tiny_model, prep_run, "--deepspeed", "3")
