@@ -123,17 +123,14 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         raise TrcliError("no training batches")
     steps = total_steps(cfg, micro_per_epoch)
     distributed.check_batch_size(train.batch_size)
-    optimizer = (torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay) if deepspeed is None
-                 else zero.adamw(params, train.learning_rate, train.weight_decay, deepspeed))
+    # AdamW and the schedule; under DeepSpeed its engine wraps both and does backward, clipping and the step.
+    optimizer = zero.adamw(params, train.learning_rate, train.weight_decay, deepspeed)
     make_scheduler = lambda opt: get_scheduler(train.lr_scheduler, opt, num_warmup_steps=train.warmup_steps,
                                                num_training_steps=steps)
-    engine = None
-    if deepspeed is not None:
-        engine = zero.initialize(model, optimizer, make_scheduler, deepspeed)
-        optimizer, scheduler = engine.optimizer, engine.lr_scheduler
-    else:
-        scheduler = make_scheduler(optimizer)
-    policy = engine or model
+    engine = zero.initialize(model, optimizer, make_scheduler, deepspeed) if deepspeed else None
+    optimizer, scheduler = ((engine.optimizer, engine.lr_scheduler) if engine is not None
+                            else (optimizer, make_scheduler(optimizer)))
+    policy = model if engine is None else engine
     # Passes that are collective (FSDP, ZeRO-3 gathers; ZeRO-2 reduces in backward): every rank runs them.
     collective = distributed.is_sharded(model) or engine is not None
     start = 0

@@ -150,10 +150,10 @@ def _quiet():
     return contextlib.redirect_stdout(sys.stderr)  # it prints while building its communication ops
 
 
-def adamw(params: list, lr: float, weight_decay: float, config: dict):
+def adamw(params: list, lr: float, weight_decay: float, config: dict | None):
     """torch's AdamW, or DeepSpeed's CPU AdamW (the same update, run where the offloaded states are)
     when the optimizer states are offloaded: DeepSpeed refuses a torch optimizer there."""
-    if config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "none":
+    if not config or config["zero_optimization"].get("offload_optimizer", {}).get("device", "none") == "none":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     with _quiet():  # its first use compiles the op, printing as it goes
         from deepspeed.ops.adam import DeepSpeedCPUAdam
