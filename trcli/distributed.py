@@ -250,6 +250,16 @@ def all_reduce_grads(params: list[torch.nn.Parameter]) -> None:
             start = end
 
 
+def sum_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks (collective: every rank calls)."""
+    dist = _dist()
+    if dist is None:
+        return tensor
+    out = tensor.detach().to(_comm_device())
+    dist.all_reduce(out)
+    return out.to(tensor.device)
+
+
 def sum_row(row: dict[str, float]) -> dict[str, float]:
     """Each key summed over the ranks that have it (a rank whose shard was empty has none)."""
     dist = _dist()

@@ -39,10 +39,10 @@ def ipo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
 
 
-def kto_kl_baseline(policy_mismatched: torch.Tensor, ref_mismatched: torch.Tensor) -> torch.Tensor:
-    """KTO's reference point z = max(0, mean(log π(y'|x) - log π_ref(y'|x))) over mismatched
-    (x, y') pairs of the batch (Ethayarajh et al. 2024, eq. 8 estimator), with no gradient."""
-    return (policy_mismatched - ref_mismatched).mean().clamp(min=0).detach()
+def kto_kl_baseline(mean_log_ratio: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z = max(0, mean(log π(y'|x) - log π_ref(y'|x))) from the mean over the
+    mismatched (x, y') pairs of the batch (Ethayarajh et al. 2024, eq. 8 estimator), with no gradient."""
+    return mean_log_ratio.float().clamp(min=0).detach()
 
 
 def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor,

@@ -29,9 +29,10 @@ STATE = "trainer_state.pt"
 class Hooks:
     """What a stage plugs into :func:`fit`."""
 
-    # (policy, micro-batch, logging step?) -> loss, metrics. The policy is the model, or under
-    # DeepSpeed its engine: the pass that is differentiated must go through it.
-    step_fn: Callable[[Any, Any, bool], tuple[torch.Tensor, dict]]
+    # (policy, micro-batch, its share, logging step?) -> loss, metrics. The policy is the model, or under
+    # DeepSpeed its engine: the pass that is differentiated must go through it. The share is this rank's
+    # part of the global micro-batch (1 in one process; 0 for a rank that only stands in, see `collective`).
+    step_fn: Callable[[Any, Any, float, bool], tuple[torch.Tensor, dict]]
     epoch_batches: Callable[[int], list]                        # the micro-batches of epoch e, in order
     save: Callable[[Path], None]                                # write weights into a directory
     load: Callable[[Path], None]                                # read them back (resume)
@@ -43,6 +44,9 @@ class Hooks:
     # What step_fn's loss averages over, for a micro-batch: examples by default; a token-mean loss
     # counts tokens. Under several processes each rank's loss is weighted by its share of it.
     loss_weight: Callable[[list], float] = len
+    # step_fn runs collectives of its own: every rank must run it for every micro-batch, a rank whose
+    # shard is empty too (it then runs the whole micro-batch with share 0).
+    collective: bool = False
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -132,7 +136,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                             else (optimizer, make_scheduler(optimizer)))
     policy = model if engine is None else engine
     # Passes that are collective (FSDP, ZeRO-3 gathers; ZeRO-2 reduces in backward): every rank runs them.
-    collective = distributed.is_sharded(model) or engine is not None
+    collective = hooks.collective or distributed.is_sharded(model) or engine is not None
     start = 0
     checkpoint = latest_checkpoint(run_dir) if train.resume else None
     if train.resume and checkpoint is None:
@@ -204,7 +208,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                     continue
                 # The passes are collective, so this rank still runs one, on the whole batch, counted 0.
                 batch, share = whole, 0.0
-            loss, metrics = hooks.step_fn(policy, batch, logging)
+            loss, metrics = hooks.step_fn(policy, batch, share, logging)
             if not torch.isfinite(loss):
                 bad = loss.item()
             stop = bad is not None

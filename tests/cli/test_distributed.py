@@ -161,3 +161,19 @@ def test_accelerate_fsdp_config_shards_full_fine_tuning_and_refuses_lora(tmp_pat
     result = accelerate("fsdp.yaml", *ALIGN, "--from", sft_run, "-o", tmp_path / "x")  # LoRA
     assert result.returncode != 0 and "FSDP shards full fine-tuning (--no-lora)" in result.stderr
     assert not (tmp_path / "x").exists()
+
+def test_two_ranks_train_tr_kto_like_one_process_with_the_baseline_of_the_whole_batch(tmp_path, sft_run):
+    # KTO's KL baseline z is a mean over the micro-batch's mismatched pairs: summed over the ranks, with
+    # the pairs chosen in the whole micro-batch, it is one process's z, and so is everything else.
+    args = [*ALIGN, "--from", sft_run, "--method", "tr-kto", "--grad-accum", "2"]
+    ok(*args, "-o", tmp_path / "one")
+    result = torchrun(*args, "-o", tmp_path / "two")
+    assert result.returncode == 0, result.stderr
+    single, double = adapter(tmp_path / "one", "policy"), adapter(tmp_path / "two", "policy")
+    for key in single:
+        torch.testing.assert_close(double[key], single[key], rtol=1e-4, atol=1e-5)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two"), strict=True):
+        for key in ("loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        # z is a small difference of large log-probabilities, computed in float32 in differently packed rows.
+        assert b["kl/z"] == pytest.approx(a["kl/z"], abs=1e-5)

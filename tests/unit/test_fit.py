@@ -15,7 +15,7 @@ from trcli.training import Hooks, fit
 
 def _bad_gradient_hooks(dtype: torch.dtype) -> Hooks:
     # A finite loss (0) whose gradient is not: d sqrt(x)/dx at 0 is infinite.
-    def step_fn(policy, batch, logging):
+    def step_fn(policy, batch, share, logging):
         return torch.sqrt((policy(torch.ones(1, 3, dtype=dtype)) * 0).sum().float()), {"loss": 0.0}
 
     return Hooks(step_fn=step_fn, epoch_batches=lambda epoch: [[1], [2]], save=lambda d: None, load=lambda d: None)

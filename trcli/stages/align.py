@@ -103,7 +103,7 @@ def run(cfg: Config) -> dict:
         d = (pol_tok - ref_tok).detach()
         return (torch.expm1(-d) + d).sum(-1).mean().item()
 
-    def pair_step(policy, pairs, logging):
+    def pair_step(policy, pairs, share, logging):
         # One forward over [chosen..., rejected...]; the reference pass first, without a graph.
         # Packed when the model allows it: each prompt is computed once for chosen and rejected.
         batch = make_batch(model, [(c.prompt, c.completion) for c, _ in pairs]
@@ -126,11 +126,11 @@ def run(cfg: Config) -> dict:
         metrics.update(_kl_metrics(pol_tok, ref_tok, batch, logging))
         return per_pair.mean(), metrics
 
-    def kto_step(policy, examples, logging):
-        # Matched (x_i, y_i) rows, then mismatched (x_i, y_{i-1}) rows for the KL baseline z.
-        n = len(examples)
-        matched = [(e.prompt, e.completion) for e, _ in examples]
-        mismatched = [(examples[i][0].prompt, examples[i - 1][0].completion) for i in range(n)]
+    def kto_step(policy, examples, share, logging):
+        # Matched (x_i, y_i) rows, then mismatched (x_i, y_{i-1}) rows for the KL baseline z (the
+        # partner y_{i-1} was chosen in the whole micro-batch: the same pairs however it is sharded).
+        matched = [(e.prompt, e.completion) for e, _, _ in examples]
+        mismatched = [(e.prompt, partner) for e, _, partner in examples]
         matched_batch, mismatched_batch = make_batch(model, matched, pad, device), make_batch(model, mismatched, pad, device)
         ref_tok = reference_logps(matched_batch)
         ref_mismatched = reference_logps(mismatched_batch).sum(-1)
@@ -138,8 +138,12 @@ def run(cfg: Config) -> dict:
         pol, ref = pol_tok.sum(-1), ref_tok.sum(-1)
         with torch.no_grad():
             pol_mismatched = token_logps(model, mismatched_batch)[0].sum(-1)
-        z = losses.kto_kl_baseline(pol_mismatched, ref_mismatched)
-        labels = torch.tensor([label for _, label in examples], device=device)
+        # z over the whole micro-batch: the ranks' sums of log-ratios and counts (a stand-in rank's count zero).
+        mine = torch.stack([(pol_mismatched - ref_mismatched).double().sum(),
+                            torch.tensor(float(len(examples)), dtype=torch.float64, device=device)])
+        total, count = distributed.sum_tensor(mine * float(share > 0))
+        z = losses.kto_kl_baseline(total / count)
+        labels = torch.tensor([label for _, label, _ in examples], device=device)
         per_example, good_r, bad_r = losses.kto_loss(
             pol, ref, labels, z, align.beta, align.kto_desirable_weight, align.kto_undesirable_weight)
         reward = align.beta * (pol - ref).detach()
@@ -192,14 +196,19 @@ def run(cfg: Config) -> dict:
             truncation["window"] = None
         return out
 
+    def with_partners(batch: list) -> list:
+        # KTO: each example with the completion of the one before it in the micro-batch (the first with the last's).
+        return [(example, label, batch[i - 1][0].completion) for i, (example, label) in enumerate(batch)]
+
     if frozen is None:
         parts = {"policy": (model, POLICY), "reference": (model, REFERENCE)}
     else:
         parts = {"policy": (model, None), "reference": (frozen, None)}
     hooks = Hooks(
         step_fn=kto_step if kto else pair_step,
-        epoch_batches=lambda epoch: shuffled_batches(items, cfg.train.batch_size, cfg.train.seed + epoch,
-                                                     min_size=2 if kto else 1),
+        epoch_batches=lambda epoch: [with_partners(b) if kto else b for b in shuffled_batches(
+            items, cfg.train.batch_size, cfg.train.seed + epoch, min_size=2 if kto else 1)],
+        collective=kto,  # z is summed over the ranks in every micro-batch
         save=lambda d: save_weights(d, parts),
         load=lambda d: load_weights(d, parts),
         after_step=after_step,

@@ -62,7 +62,7 @@ def run(cfg: Config) -> dict:
         logps, mask = token_logps(policy, batch)
         return -logps.sum() / mask.sum(), batch["tokens"]
 
-    def step_fn(policy, items, logging):
+    def step_fn(policy, items, share, logging):
         loss, tokens = nll(policy, items)
         return loss, {"loss": loss.item(), "tokens": tokens}
 
