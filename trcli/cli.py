@@ -155,9 +155,9 @@ def _training_flags(**kw) -> dict[str, Any]:
         "lr_scheduler": "train.lr_scheduler", "warmup_steps": "train.warmup_steps",
         "max_grad_norm": "train.max_grad_norm", "seed": "train.seed",
         "logging_steps": "train.logging_steps", "save_steps": "train.save_steps",
-        "eval_steps": "train.eval_steps", "device": "train.device", "max_length": "data.max_length",
+        "device": "train.device", "max_length": "data.max_length",
         "max_prompt_length": "data.max_prompt_length", "output": "output", "from_run": "from_run",
-        "report_to": "train.report_to", "packing": "train.packing", "deepspeed": "train.deepspeed",
+        "report_to": "train.report_to", "deepspeed": "train.deepspeed",
     }
     flags = {keys[k]: v for k, v in kw.items() if k in keys}
     if kw.get("lora_targets"):
@@ -171,21 +171,19 @@ def _training_flags(**kw) -> dict[str, Any]:
     return flags
 
 
-DeepSpeedOpt = typer.Option(None, "--deepspeed", help="Under torchrun: DeepSpeed ZeRO stage 2 or 3, or a DeepSpeed JSON.")
 _TRAIN_HELP = {
     "model": "Base model: hub id or local path.",
     "data": "A prep output directory.",
 }
 
 
-@app.command(epilog="Example: trcli sft --model EleutherAI/pythia-410m --from runs/prep --lora-r 16 --epochs 1 -o runs/sft")
-def sft(
+def _training_options(
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_TRAIN_HELP["model"]),
     tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (default: the model's)."),
     data: Optional[str] = typer.Option(None, "--data", help=_TRAIN_HELP["data"]),
     from_run: Optional[str] = FromOpt,
     quantize: Optional[str] = typer.Option(None, help="none | 4bit (QLoRA)."),
-    no_lora: bool = typer.Option(False, "--no-lora", help="Full fine-tuning instead of LoRA."),
+    no_lora: bool = typer.Option(False, "--no-lora", help="Full fine-tuning (align: the reference is a frozen copy)."),
     lora_r: Optional[int] = typer.Option(None), lora_alpha: Optional[float] = typer.Option(None),
     lora_dropout: Optional[float] = typer.Option(None),
     lora_targets: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear."),
@@ -198,24 +196,50 @@ def sft(
     max_grad_norm: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None), max_prompt_length: Optional[int] = typer.Option(None),
     logging_steps: Optional[int] = typer.Option(None), save_steps: Optional[int] = typer.Option(None),
-    eval_steps: Optional[int] = typer.Option(None), packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
     device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
     fsdp: bool = typer.Option(False, "--fsdp", help="With --no-lora under torchrun: shard the model with FSDP."),
-    deepspeed: Optional[str] = DeepSpeedOpt,
+    deepspeed: Optional[str] = typer.Option(None, "--deepspeed",
+                                            help="Under torchrun: DeepSpeed ZeRO stage 2 or 3, or a DeepSpeed JSON."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit."),
     device_memory: Optional[str] = typer.Option(None, help="With --dry-run: e.g. 80GB."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
 ):
-    """Supervised fine-tuning on prompt -> completion (loss on completion tokens only)."""
-    flags = _training_flags(**locals())
-    if dry_run:
+    """The options sft and align share; :func:`_with_training_options` gives them to both commands."""
+
+
+def _with_training_options(command: Callable) -> Callable:
+    """Append the shared training options to ``command``'s own: Typer builds a command from its
+    signature, and ``command`` receives them in ``**kw``."""
+    import inspect
+
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    shared = inspect.signature(_training_options, eval_str=True).parameters.values()
+    command.__signature__ = inspect.Signature([*own, *shared])
+    return command
+
+
+def _train(stage: str, kw: dict[str, Any], stage_flags: dict[str, Any]) -> None:
+    flags = {**_training_flags(**kw), **stage_flags}
+    if kw["dry_run"]:
         flags["train.dry_run"] = True
-        flags["train.device_memory"] = device_memory
-    _execute("sft", config, flags, as_json)
+        flags["train.device_memory"] = kw["device_memory"]
+    _execute(stage, kw["config"], flags, kw["as_json"])
+
+
+@app.command(epilog="Example: trcli sft --model EleutherAI/pythia-410m --from runs/prep --lora-r 16 --epochs 1 -o runs/sft")
+@_with_training_options
+def sft(
+    eval_steps: Optional[int] = typer.Option(None, help="Evaluate on the test split every N steps."),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
+    **kw: Any,
+):
+    """Supervised fine-tuning on prompt -> completion (loss on completion tokens only)."""
+    _train("sft", kw, {"train.eval_steps": eval_steps, "train.packing": packing})
 
 
 @app.command(epilog="Example: trcli align --from runs/sft --method tr-kto --update hard --tau 512 -o runs/tr-kto")
+@_with_training_options
 def align(
     method: Optional[str] = typer.Option(None, help="dpo | ipo | kto | tr-dpo | tr-ipo | tr-kto."),
     update: Optional[str] = typer.Option(None, help="TR reference update: soft | hard | kl."),
@@ -227,44 +251,15 @@ def align(
     ipo_average: Optional[bool] = typer.Option(None, "--ipo-average/--ipo-sum", help="IPO on token-averaged log-ratios."),
     desirable_weight: Optional[float] = typer.Option(None, help="KTO λ_D."),
     undesirable_weight: Optional[float] = typer.Option(None, help="KTO λ_U."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=_TRAIN_HELP["model"]),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (default: the model's)."),
-    data: Optional[str] = typer.Option(None, "--data", help=_TRAIN_HELP["data"]),
-    from_run: Optional[str] = FromOpt,
-    quantize: Optional[str] = typer.Option(None, help="none | 4bit (QLoRA)."),
-    no_lora: bool = typer.Option(False, "--no-lora", help="Full fine-tuning; the reference is a frozen copy."),
-    lora_r: Optional[int] = typer.Option(None), lora_alpha: Optional[float] = typer.Option(None),
-    lora_dropout: Optional[float] = typer.Option(None),
-    lora_targets: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear."),
-    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    max_steps: Optional[int] = typer.Option(None), epochs: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), grad_accum: Optional[int] = typer.Option(None),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr"),
-    lr_scheduler: Optional[str] = typer.Option(None), warmup_steps: Optional[int] = typer.Option(None),
-    max_grad_norm: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None), max_prompt_length: Optional[int] = typer.Option(None),
-    logging_steps: Optional[int] = typer.Option(None), save_steps: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="With --no-lora under torchrun: shard the model with FSDP."),
-    deepspeed: Optional[str] = DeepSpeedOpt,
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit."),
-    device_memory: Optional[str] = typer.Option(None, help="With --dry-run: e.g. 80GB."),
-    config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
+    **kw: Any,
 ):
     """Preference optimization: DPO / IPO / KTO, and their Trust Region versions."""
-    flags = _training_flags(**locals())
-    flags.update({
+    _train("align", kw, {
         "align.method": method, "align.update": update, "align.alpha": alpha, "align.tau": tau,
         "align.kl_target": kl_target, "align.beta": beta, "align.ref_rank": ref_rank,
         "align.ipo_average": ipo_average, "align.kto_desirable_weight": desirable_weight,
         "align.kto_undesirable_weight": undesirable_weight,
     })
-    if dry_run:
-        flags["train.dry_run"] = True
-        flags["train.device_memory"] = device_memory
-    _execute("align", config, flags, as_json)
 
 
 @app.command(epilog="Example: trcli generate --from runs/tr-dpo --prompts runs/prep --max-new-tokens 128 -o gens/tr-dpo.jsonl")
