@@ -85,6 +85,11 @@ class Parallel:
         return self.fsdp or self.zero3
 
 
+def _processes() -> int:
+    """How many processes the launcher started (before the group is joined) or the group holds."""
+    return max(int(os.environ.get("WORLD_SIZE", "1")), world_size())
+
+
 def requested(cfg) -> Parallel:
     """What the flags and the launcher ask for: FSDP (``--fsdp`` or accelerate's FSDP config, full
     fine-tuning only) or DeepSpeed ZeRO (``--deepspeed`` or accelerate's DeepSpeed configs, with the
@@ -98,8 +103,7 @@ def requested(cfg) -> Parallel:
     if ds and cfg.model.quantize == "4bit":
         raise UsageError("QLoRA (--quantize 4bit) under DeepSpeed is not supported; use DDP "
                          "(recipes/accelerate/ddp.yaml or plain torchrun): the adapters are replicated anyway")
-    processes = max(int(os.environ.get("WORLD_SIZE", "1")), world_size())
-    return Parallel(fsdp=fsdp, deepspeed=zero.engine_config(ds, cfg.train, processes) if ds else None)
+    return Parallel(fsdp=fsdp, deepspeed=zero.engine_config(ds, cfg.train, _processes()) if ds else None)
 
 
 def setup(cfg) -> Parallel:
@@ -108,9 +112,8 @@ def setup(cfg) -> Parallel:
     processes share the work (:func:`requested`). Bad settings stop here, before anything is written."""
     asked = requested(cfg)
     fsdp, ds = asked.fsdp, asked.deepspeed
-    processes = max(int(os.environ.get("WORLD_SIZE", "1")), world_size())
     zero.prepare(ds)  # its config checked by DeepSpeed itself; its log on stderr even when merely installed
-    if processes == 1:
+    if _processes() == 1:
         if fsdp or ds:
             log(f"{'--fsdp' if fsdp else 'DeepSpeed'}: one process, nothing to shard; training unsharded")
         return Parallel()

@@ -74,10 +74,11 @@ def stage(config: dict | None) -> int:
 def engine_config(config: dict, train, world: int) -> dict:
     """The engine's config: the user's, with what trcli's own flags decide filled in. A key the
     user set to something else (not "auto") is an error naming it, not silently overridden."""
+    per_rank = max(1, train.batch_size // world)
     ours = {
-        "train_micro_batch_size_per_gpu": max(1, train.batch_size // world),
+        "train_micro_batch_size_per_gpu": per_rank,
         "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": max(1, train.batch_size // world) * world * train.grad_accum,
+        "train_batch_size": per_rank * world * train.grad_accum,
         "gradient_clipping": train.max_grad_norm,
     }
     for key, value in ours.items():
@@ -109,10 +110,15 @@ def engine_config(config: dict, train, world: int) -> dict:
     return out
 
 
+def _quiet():
+    """stdout pointed at stderr: deepspeed logs and prints there (importing, building its ops)."""
+    return contextlib.redirect_stdout(sys.stderr)
+
+
 def import_deepspeed():
     """deepspeed, imported with its log on stderr: trcli's stdout carries results only (--json)."""
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # its logger binds to the stdout of import time
+        with _quiet():  # its logger binds to the stdout of import time
             import deepspeed
     except ImportError as exc:
         raise UsageError(f"DeepSpeed could not be imported ({exc}): pip install 'trcli[deepspeed]'") from None
@@ -134,20 +140,17 @@ def prepare(config: dict | None) -> None:
         return
     deepspeed = import_deepspeed()
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
 
     try:
         DeepSpeedZeroConfig(**config["zero_optimization"])
-    except Exception as exc:  # pydantic's ValidationError: name the first bad key
-        first = exc.errors()[0] if hasattr(exc, "errors") else None
-        where = ".".join(map(str, first["loc"])) if first else ""
-        raise UsageError(f"DeepSpeed config: zero_optimization.{where}: {first['msg'] if first else exc}") from None
+    except ValidationError as exc:  # name the first bad key
+        first = exc.errors()[0]
+        raise UsageError(f"DeepSpeed config: zero_optimization.{'.'.join(map(str, first['loc']))}: "
+                         f"{first['msg']}") from None
     if not hasattr(deepspeed.DeepSpeedEngine, "managed_gradient_accumulation"):
         raise UsageError(f"deepspeed {deepspeed.__version__} does not let trcli's loop own gradient accumulation "
                          "(managed_gradient_accumulation); install deepspeed>=0.19.8")
-
-
-def _quiet():
-    return contextlib.redirect_stdout(sys.stderr)  # it prints while building its communication ops
 
 
 def adamw(params: list, lr: float, weight_decay: float, config: dict | None):
@@ -165,7 +168,7 @@ def initialize(model: torch.nn.Module, optimizer, make_scheduler, config: dict):
     """The policy's engine: partitions gradients and optimizer states (and, at stage 3, weights)."""
     with _quiet():
         engine, *_ = import_deepspeed().initialize(model=model, optimizer=optimizer, lr_scheduler=make_scheduler,
-                                             config=config, dist_init_required=False)
+                                                   config=config, dist_init_required=False)
     # Skip (and so report) a step with a non-finite gradient norm whatever the weights' dtype: without its
     # own bf16 mode ZeRO-2 would apply a NaN step to bf16 weights.
     if hasattr(engine.optimizer, "check_grad_overflow"):
@@ -173,13 +176,13 @@ def initialize(model: torch.nn.Module, optimizer, make_scheduler, config: dict):
     return engine
 
 
-_ENGINES: list = []
-
-
 def unwrap(model):
     """The model a DeepSpeed engine wraps (anything else as it is)."""
     ds = sys.modules.get("deepspeed")
     return model.module if ds is not None and isinstance(model, ds.DeepSpeedEngine) else model
+
+
+_ENGINES: list = []  # the frozen models' engines: kept alive with the hooks they put on the models
 
 
 def partition_frozen(module: torch.nn.Module, config: dict) -> None:
@@ -220,15 +223,15 @@ def full_state_dict(module: torch.nn.Module, keep=lambda name: True) -> dict:
 
     state: dict[str, torch.Tensor] = {}
     for prefix, sub in module.named_modules():
-        named = [(f"{prefix}.{n}" if prefix else n, p) for n, p in sub.named_parameters(recurse=False)]
-        named = [(n, p) for n, p in named if keep(n)]
+        name = lambda n: f"{prefix}.{n}" if prefix else n
+        named = [(name(n), p) for n, p in sub.named_parameters(recurse=False) if keep(name(n))]
         with gathered([p for _, p in named]):
             if is_main():
                 state.update({n: p.detach().cpu().clone() for n, p in named})
         if is_main():  # buffers are not partitioned; the persistent ones belong in a state dict
-            state.update({f"{prefix}.{n}" if prefix else n: b.detach().cpu().clone() for n, b in sub._buffers.items()
-                          if b is not None and n not in sub._non_persistent_buffers_set})
-    return {n: t for n, t in state.items() if keep(n)}
+            state.update({name(n): b.detach().cpu().clone() for n, b in sub._buffers.items()
+                          if b is not None and n not in sub._non_persistent_buffers_set and keep(name(n))})
+    return state
 
 
 @torch.no_grad()

@@ -71,8 +71,8 @@ def run(cfg: Config) -> dict:
     run_dir.add_input("data", cfg.data.path)
     run_dir.add_input("start", start["adapter"] or start["weights"])
     # Under FSDP / ZeRO-3 the whole models are built in host memory; sharding moves each rank's part to its device.
-    model, frozen = build_for_training(cfg, torch.device("cpu") if parallel.shards_weights else device, start, reference=True,
-                                       ref_rank=ref_rank, keep_init=schedule.mode != "none")
+    model, frozen = build_for_training(cfg, torch.device("cpu") if parallel.shards_weights else device, start,
+                                       reference=True, ref_rank=ref_rank, keep_init=schedule.mode != "none")
     initial = None
     if frozen is not None and schedule.mode != "none":
         import copy
@@ -80,12 +80,12 @@ def run(cfg: Config) -> dict:
         initial = copy.deepcopy(frozen)
     # Policy, reference and starting reference sharded alike, so that the update is shard-local
     # (under ZeRO-3 the policy is partitioned with its optimizer, in fit).
-    for module in (model, frozen, initial) if parallel.fsdp else (frozen, initial) if parallel.zero3 else ():
-        if module is None:
-            continue
-        if parallel.fsdp:
+    frozen_models = [m for m in (frozen, initial) if m is not None]
+    if parallel.fsdp:
+        for module in [model, *frozen_models]:
             distributed.shard_model(module)
-        else:
+    elif parallel.zero3:
+        for module in frozen_models:
             zero.partition_frozen(module, parallel.deepspeed)
     pad = tokenizer.pad_token_id
 
