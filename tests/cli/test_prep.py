@@ -92,11 +92,31 @@ def test_truncation_counts_follow_the_configured_limits(tmp_path, tiny_model):
                        "--max-length", limits["length"], "-o", tmp_path / "run")
     # Training cuts the prompt to max_prompt_length, then completion + EOS to what max_length leaves.
     cut = sum(min(n(r["prompt"]), limits["prompt"]) + n(r["chosen"]) + 1 > limits["length"] for r in rows)
-    assert report["truncated"] == {"prompt": 3, "completion": cut,
+    # A cut completion keeps what max_length leaves after the prompt: short when under 8 tokens.
+    short = sum(min(n(r["prompt"]), limits["prompt"]) + n(r["chosen"]) + 1 > limits["length"]
+                and limits["length"] - min(n(r["prompt"]), limits["prompt"]) < 8 for r in rows)
+    assert report["truncated"] == {"prompt": 3, "completion": cut, "dropped": 0, "short": short,
+                                   "truncation": "keep_start",
                                    "max_prompt_length": limits["prompt"], "max_length": limits["length"]}
     assert 0 < cut < len(rows)
-    k = n("no")
-    assert report["tokens"]["rejected"] == {"p50": k, "p90": k, "p99": k, "max": k, "mean": float(k)}
+    # Without --max-prompt-length (the default) the whole prompt is kept, as TRL does; a prompt that
+    # alone fills --max-length leaves no completion token, and training drops its record.
+    result = run_cli("prep", "--input", src, "--model", tiny_model, "--max-length", 8, "--json",
+                     "-o", tmp_path / "run2")
+    report = json.loads(result.stdout)
+    assert report["truncated"]["dropped"] == sum(n(r["prompt"]) >= 8 for r in rows) == 3
+    assert report["truncated"]["prompt"] == 0 and "training will drop" in result.stderr
+    # Token counts are training's (TRL's rule): prompt and prompt + completion + EOS tokenized whole,
+    # the completion starting where both of a pair's sequences leave the prompt's tokens.
+    def common(a, b):
+        return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+    ids = lambda text: tok(text)["input_ids"]  # noqa: E731
+    rejected = []
+    for r in rows:
+        whole = [ids(r["prompt"] + c + tok.eos_token) for c in (r["chosen"], r["rejected"])]
+        rejected.append(len(whole[1]) - min(common(ids(r["prompt"]), w) for w in whole))
+    assert report["tokens"]["rejected"]["max"] == max(rejected) and report["tokens"]["rejected"]["p50"] == sorted(rejected)[3]
     assert report["tokens"]["prompt"]["max"] == n(rows[-1]["prompt"])
 
 
@@ -284,7 +304,7 @@ def test_offline_hub_dataset_is_a_clear_error(tmp_path):
 def test_table_report_on_stdout(tmp_path, tiny_model):
     src = write_jsonl(tmp_path / "hh.jsonl", hh_rows())
     out = ok("prep", "--source", "hh", "--input", src, "--model", tiny_model, "-o", tmp_path / "run").stdout
-    assert "dropped: diverged" in out and "tokens per field" in out and "truncated:" in out
+    assert "dropped: diverged" in out and "tokens per field" in out and "truncation (keep_start):" in out
 
 
 def test_datasets_loader_keeps_the_sources_own_splits(tmp_path):

@@ -7,7 +7,8 @@ and the same gradients, on GPT-NeoX and Llama, with sdpa and eager attention, wi
 import pytest
 import torch
 
-from trcli.batching import collate, encode, make_batch, pack, supports_packing, token_logps
+from trcli.batching import collate, make_batch, pack, supports_packing, token_logps
+from trcli.tokens import Encoder
 from trcli.losses import dpo_loss
 from trcli.tiny import sample_pairs
 
@@ -37,7 +38,7 @@ def test_pack_feeds_a_shared_prompt_once_and_masks_the_other_completion():
 def _seqs(tokenizer):
     rows = sample_pairs(6, seed=3)
     rows[1]["prompt"] += " Please answer in one long sentence with many words."
-    enc = lambda p, c, n=64: encode(tokenizer, p, c, n, 48)
+    enc = lambda p, c, n=64: Encoder(tokenizer, n, 48)(p, [c])[0]
     chosen = [enc(r["prompt"], r["chosen"]) for r in rows]
     rejected = [enc(r["prompt"], r["rejected"]) for r in rows]
     rejected[2] = enc(rows[2]["prompt"], rows[2]["rejected"], len(rejected[2].prompt) + 1)  # 1-token completion

@@ -12,7 +12,7 @@ what the full conversation's rendering adds after it (so it carries the end-of-t
 
 from __future__ import annotations
 
-from trcli.data import columns
+from trcli.data import columns, hh
 from trcli.data.files import RowError
 from trcli.data.records import Drop, SourceOptions
 
@@ -75,3 +75,16 @@ def convert(row: dict, where: str, opts: SourceOptions) -> dict:
     text, chosen_text = _render(tok, chosen[:-1], chosen[-1:], where, "chosen")
     _, rejected_text = _render(tok, rejected[:-1], rejected[-1:], where, "rejected")
     return {"id": None, "prompt": text, "chosen": chosen_text, "rejected": rejected_text}
+
+
+def render_text(record: dict, tokenizer, where: str) -> dict:
+    """A text record (HH, TL;DR, your own columns) rendered through the chat template: an HH
+    transcript prompt becomes its user / assistant turns, any other prompt one user message, and
+    each completion the assistant's reply (surrounding white space dropped, as a chat reply has none)."""
+    prompt = hh.turns(record["prompt"]) or [{"role": "user", "content": record["prompt"].strip()}]
+    out = dict(record)
+    for name in ("chosen", "rejected", "completion"):
+        if name in record:
+            out["prompt"], out[name] = _render(
+                tokenizer, prompt, [{"role": "assistant", "content": record[name].strip()}], where, name)
+    return out

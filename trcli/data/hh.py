@@ -10,6 +10,7 @@ another turn, and they are dropped as 'diverged'.
 from __future__ import annotations
 
 import os
+import re
 
 from trcli.data import columns
 from trcli.data.records import Drop, SourceOptions
@@ -42,3 +43,16 @@ def convert(row: dict, where: str, opts: SourceOptions) -> dict:
                                                  columns.text(row, "rejected", where))
     # Empty replies and identical ones are dropped by prep's generic check.
     return {"id": None, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
+
+
+def turns(prompt: str) -> list[dict] | None:
+    """An HH prompt ("\\n\\nHuman: ...\\n\\nAssistant: ...\\n\\nAssistant:") as chat messages
+    (user / assistant turns, the final empty Assistant: dropped); None if it is not a transcript."""
+    parts = _TURN.split(prompt)
+    if len(parts) < 3 or parts[0].strip() or parts[-2] != "Assistant" or parts[-1].strip():
+        return None
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[who], "content": text.strip()} for who, text in zip(parts[1:-2:2], parts[2:-2:2])]

@@ -103,3 +103,19 @@ def as_kind(dataset, kind: str) -> list[dict]:
     if have == "paired" and kind == "sft":
         return paired_to_sft(rows)
     raise DataError(f"this stage needs {kind} records but the dataset holds {have} records")
+
+
+def rendering(path: str | Path) -> str | None:
+    """The chat template (its fingerprint) `prep` rendered a prepared dataset with; None for plain text
+    (also for data prepared before trcli recorded it)."""
+    import json
+
+    path = Path(path)
+    for run_dir in (path, path.parent):
+        manifest = run_dir / "trcli-run.json"
+        if (run_dir / "data").is_dir() and manifest.is_file():
+            try:
+                return json.loads(manifest.read_text(encoding="utf-8")).get("outputs", {}).get("chat_template")
+            except (OSError, ValueError):
+                return None
+    return None

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from trcli import distributed, losses, zero
-from trcli.batching import encode, make_batch, token_logps
+from trcli.batching import make_batch, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
 from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device, trainable_parameters, using_adapter
 from trcli.runs import Run, inherit
+from trcli.tokens import stage_encoder
 from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_weights, shuffled_batches
 from trcli.trust_region import POLICY, REFERENCE, Schedule, lora_layers, update_full_reference, update_lora_reference
 
@@ -54,12 +55,16 @@ def run(cfg: Config) -> dict:
     rows = as_kind(load_prepped(cfg.data.path)["train"], "unpaired" if kto else "paired")
     if kto and len(rows) < 2:
         raise UsageError(f"{cfg.data.path}: KTO needs at least 2 training examples")
-    enc = lambda prompt, completion: encode(tokenizer, prompt, completion, cfg.data.max_length,
-                                             cfg.data.max_prompt_length)
+    # Token ids as TRL's trainers make them (trcli.tokens); a pair's two replies share one prompt.
+    encoder = stage_encoder(cfg, tokenizer, "trcli align")
     if kto:
-        items = [(enc(r["prompt"], r["completion"]), bool(r["label"])) for r in rows]
+        items = [(e[0], bool(r["label"])) for r in rows if (e := encoder(r["prompt"], [r["completion"]]))]
     else:
-        items = [(enc(r["prompt"], r["chosen"]), enc(r["prompt"], r["rejected"])) for r in rows]
+        items = [tuple(e) for r in rows if (e := encoder(r["prompt"], [r["chosen"], r["rejected"]]))]
+    truncation_counts = encoder.report("trcli align")
+    if len(items) < (2 if kto else 1):
+        raise UsageError(f"{cfg.data.path}: too few examples left after truncation at --max-length "
+                         f"{cfg.data.max_length}")
 
     # Model: one base; policy and reference are adapters on it (LoRA / QLoRA), or a frozen
     # fp32 copy for full fine-tuning. Both start from the SFT adapter when there is one.
@@ -225,7 +230,7 @@ def run(cfg: Config) -> dict:
     handover = {"adapter": "policy"} if frozen is None else {"weights": "policy"}
     run_dir.finish(policy="policy", reference="reference", **handover, model=cfg.model.name_or_path,
                    tokenizer=cfg.model.tokenizer, data=os.path.abspath(cfg.data.path),
-                   metrics="metrics.jsonl", final=final)
+                   metrics="metrics.jsonl", final=final, truncation=truncation_counts)
     distributed.barrier()  # the other ranks leave once rank 0 has written everything
     if not distributed.is_main():
         return None  # rank 0 reports for all

@@ -17,6 +17,7 @@ from trcli.data.files import FORMATS, RowError, read_file, read_hub
 from trcli.data.records import FIELDS, Drop, SourceOptions, drop_reason, kind_of, paired_to_sft, paired_to_unpaired
 from trcli.errors import DataError, UsageError
 from trcli.runs import Run, atomic_path
+from trcli.tokens import SHORT, Encoder, template_id
 
 CONVERTERS = {"hh": hh.convert, "tldr": tldr.convert, "ultrafeedback": chat.convert, "chat": chat.convert}
 # What --source X reads when no --input is given: (hub id, config).
@@ -27,8 +28,14 @@ PERCENTILES = (50, 90, 99)
 
 
 def _rows(cfg: Config, name: str):
-    """(split, where, row) from a local file or, for hub ids, through datasets.load_dataset."""
+    """(split, where, row) from a local file or, for hub ids, through datasets.load_dataset.
+    The default source (auto) is a local file in the format its suffix names, jsonl when it names
+    none; the format found is recorded as data.source (the manifest says how the input was read)."""
+    from trcli.data.files import suffix_format
+
     data = cfg.data
+    if data.source == "auto":
+        data.source = suffix_format(name) or "jsonl"
     if data.source in FORMATS:
         return read_file(name, data.source)
     if data.source != "hub" and (Path(name).is_file() or Path(name).suffix.lstrip(".") in (*FORMATS, "gz")):
@@ -44,18 +51,25 @@ def _rows(cfg: Config, name: str):
 
 
 def _tokenizer(cfg: Config):
+    """(tokenizer or None, the chat template in force or None)."""
+    from trcli.tokens import resolve_chat_template
+
     name = cfg.model.tokenizer or cfg.model.name_or_path
     if cfg.data.source in CHAT_SOURCES and not name:
         raise UsageError(f"--source {cfg.data.source} renders messages with a chat template: "
                          "pass --model to pick the tokenizer (or set model.tokenizer)")
     if not name:
-        return None
+        if cfg.data.chat_template not in ("auto", "none"):
+            raise UsageError("--chat-template PATH renders with a tokenizer: pass --model too")
+        return None, None
     from trcli.modeling import load_tokenizer
 
     tok = load_tokenizer(name)
-    if cfg.data.source in CHAT_SOURCES and not tok.chat_template:
-        raise UsageError(f"tokenizer '{name}' has no chat template; --source {cfg.data.source} needs one")
-    return tok
+    template = resolve_chat_template(tok, cfg.data.chat_template)
+    if cfg.data.source in CHAT_SOURCES and template is None:
+        raise UsageError(f"--source {cfg.data.source} needs a chat template, and tokenizer '{name}' has no chat "
+                         "template in force (or --chat-template none was given): pass --chat-template PATH")
+    return tok, template
 
 
 def _split(records: list[dict], test_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -76,21 +90,34 @@ def _percentiles(values: list[int]) -> dict:
             "mean": round(float(arr.mean()), 1)}
 
 
-def _lengths(tokenizer, records: list[dict], kind: str, max_length: int, max_prompt_length: int) -> dict:
-    """Token-length percentiles per field and how many records training would truncate, as
-    batching.encode does: prompt cut to max_prompt_length from the left, completion + EOS cut
-    so that prompt + completion fit max_length."""
-    texts = [f for f in FIELDS[kind] if f != "label"]
-    counts = {f: [len(ids) for ids in tokenizer([r[f] for r in records], add_special_tokens=False)["input_ids"]]
-              for f in texts}
-    prompt = counts["prompt"]
-    completions = [f for f in texts if f != "prompt"]
-    cut = sum(any(min(prompt[i], max_prompt_length) + counts[f][i] + 1 > max_length for f in completions)
-              for i in range(len(records)))
+def _lengths(encoder, records: list[dict], kind: str) -> dict:
+    """Token-length percentiles per field (whole, as tokenized for training) and what truncation at
+    the configured limits does to them, counted by the encoder training uses."""
+    from trcli.tokens import Encoder
+
+    whole = Encoder(encoder.tok, max_length=10**9, templated=encoder.templated)
+    encoder = Encoder(encoder.tok, encoder.max_length, encoder.max_prompt_length, encoder.truncation,
+                      templated=encoder.templated)
+    completions = [f for f in FIELDS[kind] if f not in ("prompt", "label")]
+    counts: dict[str, list[int]] = {f: [] for f in ("prompt", *completions)}
+    cut = dropped = short = prompt_cut = 0
+    for r in records:
+        texts = [r[f] for f in completions]
+        for f, e in zip(completions, whole(r["prompt"], texts)):
+            counts[f].append(len(e.completion))
+        counts["prompt"].append(len(e.prompt))
+        before = dict(encoder.counts)
+        limited = encoder(r["prompt"], texts)
+        delta = {k: encoder.counts[k] - before.get(k, 0) for k in ("truncated", "dropped", "short", "prompt_cut")}
+        dropped += limited is None
+        cut += limited is not None and delta["truncated"] > 0
+        short += delta["short"] > 0
+        prompt_cut += delta["prompt_cut"] > 0
     return {
         "tokens": {f: _percentiles(v) for f, v in counts.items()},
-        "truncated": {"prompt": sum(n > max_prompt_length for n in prompt), "completion": cut,
-                      "max_prompt_length": max_prompt_length, "max_length": max_length},
+        "truncated": {"prompt": prompt_cut, "completion": cut, "dropped": dropped, "short": short,
+                      "max_prompt_length": encoder.max_prompt_length, "max_length": encoder.max_length,
+                      "truncation": encoder.truncation},
     }
 
 
@@ -111,34 +138,27 @@ def _marked(tokenizer, ids: list[int]) -> str:
     return "".join(out)
 
 
-def _encoded(tokenizer, prompt: str, completion: str, cfg: Config) -> tuple[str, str, str]:
-    """(prompt, completion, note) as training encodes them: truncated, EOS added, specials marked."""
-    from trcli.batching import encode
-
-    if tokenizer is None:
-        return prompt, completion, ""
-    enc = encode(tokenizer, prompt, completion, cfg.data.max_length, cfg.data.max_prompt_length)
-    full = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    cut = f" cut from {full}" if full > len(enc.prompt) else ""
-    note = f" · prompt {len(enc.prompt)} tokens{cut} · completion {len(enc.completion)}"
-    return _marked(tokenizer, enc.prompt), _marked(tokenizer, enc.completion), note
-
-
-def _show(records: list[dict], kind: str, tokenizer, cfg: Config) -> None:
-    """Print examples to stderr as training will see them: the prompt, '⟫' at the boundary, then
-    each completion."""
+def _show(shown: list[dict], kind: str, encoder) -> None:
+    """Print examples to stderr exactly as training will see them: the prompt's tokens, '⟫' at the
+    boundary, then each completion's, special tokens marked «so»."""
     completions = [f for f in FIELDS[kind] if f not in ("prompt", "label")]
-    shown = records[: cfg.data.show]
     for n, record in enumerate(shown, start=1):
         label = f" · label {record['label']}" if kind == "unpaired" else ""
         lines = [f"── example {n} of {len(shown)} · id {record['id']}{label} ──"]
-        for f in completions:
-            prompt, completion, note = _encoded(tokenizer, record["prompt"], record[f], cfg)
-            if f == completions[0]:
-                lines.append(prompt + "⟫")
-            lines.append(f"⟫ {f}{note}:\n{completion}")
+        if encoder is None:
+            lines.append(record["prompt"] + "⟫")
+            lines += [f"⟫ {f}:\n{record[f]}" for f in completions]
+        else:
+            encoded = encoder(record["prompt"], [record[f] for f in completions])
+            if encoded is None:
+                lines.append(f"(dropped: the prompt alone fills --max-length {encoder.max_length})")
+            else:
+                lines.append(_marked(encoder.tok, encoded[0].prompt) + "⟫")
+                for f, e in zip(completions, encoded):
+                    lines.append(f"⟫ {f} · prompt {len(e.prompt)} tokens · completion {len(e.completion)}:\n"
+                                 + _marked(encoder.tok, e.completion))
         print("\n".join(lines), file=sys.stderr)
-    if tokenizer is None:
+    if encoder is None:
         print("(raw text: pass --model to see the tokens training will see)", file=sys.stderr)
 
 
@@ -151,7 +171,7 @@ def run(cfg: Config) -> dict:
         raise UsageError("prep needs an input: --input FILE (or data.input in the recipe)")
     if data.template is not None:
         tldr.check_template(data.template)
-    tokenizer = _tokenizer(cfg)
+    tokenizer, template = _tokenizer(cfg)
     opts = SourceOptions(kind=data.kind, columns=data.columns, template=data.template, tokenizer=tokenizer)
     convert = CONVERTERS.get(data.source, columns.convert)
 
@@ -163,6 +183,8 @@ def run(cfg: Config) -> dict:
             if isinstance(row, RowError):
                 raise row
             record = convert(row, where, opts)
+            if template is not None and data.source not in CHAT_SOURCES:
+                record = chat.render_text(record, tokenizer, where)
             have = kind_of(record)
             if kind is not None and have != kind:
                 raise RowError(where, f"a {have} record among {kind} records")
@@ -202,8 +224,12 @@ def run(cfg: Config) -> dict:
     elif "train" in by_split and data.test_size > 0:
         by_split["train"], by_split["test"] = _split(by_split["train"], data.test_size, data.seed)
     records = [r for recs in by_split.values() for r in recs]
+    encoder = None
+    if tokenizer is not None:
+        encoder = Encoder(tokenizer, data.max_length, data.max_prompt_length, data.truncation,
+                          templated=template is not None)
     if data.show:
-        _show(by_split.get("train") or records, kind, tokenizer, cfg)
+        _show((by_split.get("train") or records)[: data.show], kind, encoder)
 
     summary = {
         "source": data.source,
@@ -213,9 +239,15 @@ def run(cfg: Config) -> dict:
         "rows_out": len(records),
         "dropped": dict(dropped),
         "splits": {s: len(recs) for s, recs in by_split.items() if recs},
+        "chat_template": template_id(template),
     }
-    if tokenizer is not None:
-        summary.update(_lengths(tokenizer, records, kind, data.max_length, data.max_prompt_length))
+    if encoder is not None:
+        summary.update(_lengths(encoder, records, kind))
+        cut = summary["truncated"]
+        if cut["dropped"] or cut["short"]:
+            print(f"trcli prep: warning: at --max-length {data.max_length} ({data.truncation}) training will drop "
+                  f"{cut['dropped']} records (prompt fills max_length) and cut {cut['short']} to completions "
+                  f"shorter than {SHORT} tokens", file=sys.stderr)
 
     from datasets import Dataset, DatasetDict
 
@@ -226,7 +258,7 @@ def run(cfg: Config) -> dict:
     run_dir.add_input("input", name)
     with atomic_path(Path(cfg.output) / "data") as tmp:
         splits.save_to_disk(str(tmp))
-    run_dir.finish(data="data", report=summary)
+    run_dir.finish(data="data", report=summary, chat_template=summary["chat_template"])
     return summary
 
 
@@ -244,6 +276,7 @@ def render(result: dict):
     for reason, n in sorted(result["dropped"].items()):
         table.add_row(f"dropped: {reason}", str(n))
     table.add_row("splits", ", ".join(f"{s} {n}" for s, n in result["splits"].items()))
+    table.add_row("chat template", result.get("chat_template") or "none (plain text)")
     if "tokens" not in result:
         return table
     lengths = Table(title="tokens per field")
@@ -252,6 +285,7 @@ def render(result: dict):
     for field, stats in result["tokens"].items():
         lengths.add_row(field, *(str(stats[f"p{q}"]) for q in PERCENTILES), str(stats["max"]), str(stats["mean"]))
     cut = result["truncated"]
-    note = (f"truncated: {cut['prompt']} prompts at max_prompt_length={cut['max_prompt_length']}, "
-            f"{cut['completion']} records at max_length={cut['max_length']}")
+    note = (f"truncation ({cut['truncation']}): {cut['prompt']} prompts cut at max_prompt_length="
+            f"{cut['max_prompt_length']}, {cut['completion']} records cut and {cut['dropped']} dropped at max_length="
+            f"{cut['max_length']}, {cut['short']} left with a completion under {SHORT} tokens")
     return Group(table, lengths, note)

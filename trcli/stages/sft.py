@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 
 from trcli import distributed
-from trcli.batching import collate, encode, make_batch, token_logps
+from trcli.batching import collate, make_batch, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
 from trcli.modeling import build_for_training, load_tokenizer, no_dropout, pick_device, trainable_parameters
 from trcli.runs import Run, inherit
+from trcli.tokens import stage_encoder
 from trcli.trust_region import POLICY
 from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_weights, shuffled_batches
@@ -35,10 +36,13 @@ def run(cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     data = load_prepped(cfg.data.path)
-    enc = lambda rows: [encode(tokenizer, r["prompt"], r["completion"], cfg.data.max_length,
-                               cfg.data.max_prompt_length) for r in rows]
+    encoder = stage_encoder(cfg, tokenizer, "trcli sft")
+    enc = lambda rows: [e[0] for r in rows if (e := encoder(r["prompt"], [r["completion"]])) is not None]
     train_rows = enc(as_kind(data["train"], "sft"))
     test_rows = enc(as_kind(data["test"], "sft")) if "test" in data else []
+    truncation = encoder.report("trcli sft")
+    if not train_rows:
+        raise UsageError(f"{cfg.data.path}: every training prompt fills --max-length {cfg.data.max_length}")
 
     check_fresh_start(cfg)
     run_dir = Run("sft", cfg.output, cfg)
@@ -90,7 +94,8 @@ def run(cfg: Config) -> dict:
     if distributed.is_main():
         tokenizer.save_pretrained(str(run_dir.dir / name))
     run_dir.finish(**{name: name}, model=cfg.model.name_or_path, tokenizer=cfg.model.tokenizer,
-                   data=os.path.abspath(cfg.data.path), metrics="metrics.jsonl", final=final)
+                   data=os.path.abspath(cfg.data.path), metrics="metrics.jsonl", final=final,
+                   truncation=truncation)
     distributed.barrier()  # the other ranks leave once rank 0 has written everything
     if not distributed.is_main():
         return None  # rank 0 reports for all
