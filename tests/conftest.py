@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny Pythia-shaped model, sample pairs, and prep / sft runs built once.
 
-Everything is built offline by the tests themselves (trcli.tiny).
+Everything is built offline by the tests themselves (trcli.tiny; the real SmolLM2 by trcli.pretrained).
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny") / "model"
     build_model(path, hidden_size=32, layers=2)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    """Real SmolLM2-135M-Instruct (float32, ~540 MB) in the shared cache: built once per machine (~1 min)."""
+    from trcli.pretrained import smollm2 as build
+
+    return build()
 
 
 @pytest.fixture(scope="session")
