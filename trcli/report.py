@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from trcli.errors import UsageError
-from trcli.runs import MANIFEST, atomic_path, now, write_json, write_text
+from trcli.runs import MANIFEST, atomic_path, now, read_jsonl_repairing, status, write_json, write_text
 
 # (metric key in metrics.jsonl, file stem, title): one PNG each.
 CURVES = [
@@ -52,19 +52,10 @@ def _number(value) -> float | None:
 
 
 def read_metrics(path: Path, skipped: list[str]) -> list[dict]:
-    """Rows of metrics.jsonl that parse; a torn or bad line is reported and left out."""
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            skipped.append(f"{path}:{lineno}: not valid JSON (a line still being written?), left out")
-            continue
-        if isinstance(row, dict) and "event" not in row and _number(row.get("step")) is not None:
-            rows.append(row)
-    return rows
+    """Rows of metrics.jsonl that parse; a torn or bad line is reported and left out (the file is
+    the run's: a reader never repairs it)."""
+    rows = read_jsonl_repairing(path, repair=False, warn=skipped.append, strict=False)
+    return [row for row in rows if "event" not in row and _number(row.get("step")) is not None]
 
 
 def load_run(path: Path, skipped: list[str]) -> RunData | None:
@@ -77,7 +68,8 @@ def load_run(path: Path, skipped: list[str]) -> RunData | None:
             manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             skipped.append(f"{path / MANIFEST}: not valid JSON (still being written?); reading the run without it")
-    run = RunData(path, path.name, manifest.get("stage", "?"), manifest.get("status", "unknown"))
+    state = status(path, manifest)  # "died": the manifest says running but no process holds the run's lock
+    run = RunData(path, path.name, manifest.get("stage", "?"), "died while running" if state == "died" else state)
     if (path / "metrics.jsonl").is_file():
         run.rows = read_metrics(path / "metrics.jsonl", skipped)
         if not run.rows:

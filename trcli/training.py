@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from trcli import distributed, zero
+from trcli import distributed, runs, zero
 from trcli.config import Config
 from trcli.errors import TrcliError, UsageError
 
@@ -56,9 +56,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def check_fresh_start(cfg: Config) -> None:
-    """Refuse to start a run over an earlier run's checkpoints: they would survive next to the new
-    ones, and a later --resume would continue whichever is latest. Called before anything is written."""
-    if cfg.train.resume or cfg.output is None:
+    """Take OUTPUT's run lock for the whole run (a second run on it is refused, naming the holder;
+    the lock of a dead run is taken over and its unfinished staging directories cleared), then refuse
+    to start a run over an earlier run's checkpoints: they would survive next to the new ones, and a
+    later --resume would continue whichever is latest. Called before anything is written."""
+    if cfg.output is None:
+        return
+    runs.claim(cfg.output)
+    if cfg.train.resume:
         return
     found = latest_checkpoint(Path(cfg.output))
     if found is not None:
@@ -76,6 +81,14 @@ def _log(msg: str) -> None:
     distributed.log(msg)
 
 
+def _stop_if_disk_full(exc: BaseException, path: Path, run_dir: Path, what: str) -> None:
+    """A write that failed for want of space (torch.save says so only cryptically) stops the run
+    with one line naming the path and what is intact (exit 1); anything else propagates."""
+    if runs.out_of_space(exc, path):
+        raise TrcliError(f"{path}: no space left on device while writing {what}; stopped. "
+                         f"{runs.intact(run_dir)}") from exc
+
+
 class _Sinks:
     """metrics.jsonl plus optional TensorBoard / W&B, whichever are installed."""
 
@@ -83,12 +96,13 @@ class _Sinks:
         self.path, self.writers = None, []
         if not distributed.is_main():  # rank 0 writes for all
             return
-        self.path = run_dir / "metrics.jsonl"
-        # On resume, drop lines logged after the checkpoint: they will be logged again.
+        self.path, self.run_dir = run_dir / "metrics.jsonl", run_dir
+        # On resume, drop lines logged after the checkpoint: they will be logged again (a torn last
+        # line, from a kill or a full disk, is dropped with a warning).
         kept = []
-        if resume_step and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l and json.loads(l)["step"] <= resume_step]
-        self.path.write_text("".join(l + "\n" for l in kept))
+        if resume_step:
+            kept = [row for row in runs.read_jsonl_repairing(self.path) if row.get("step", 0) <= resume_step]
+        runs.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         self.writers = []
         for name in cfg.train.report_to:
             try:
@@ -109,8 +123,12 @@ class _Sinks:
     def write(self, row: dict) -> None:
         if self.path is None:
             return
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+        except OSError as exc:
+            _stop_if_disk_full(exc, self.path, self.run_dir, f"step {row['step']}'s metrics")
+            raise
         for writer in self.writers:
             writer(row)
 
@@ -168,14 +186,18 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         # Collective under FSDP; DeepSpeed writes its own (partitioned) optimizer files instead.
         optimizer_state = distributed.optimizer_state(model, optimizer) if engine is None else None
         with distributed.atomic_dir(target) as tmp:  # every rank may write into tmp; rank 0 renames it
-            if engine is not None:
-                zero.save_checkpoint(engine, tmp)
-            hooks.save(tmp)  # sharded weights are gathered on every rank; rank 0 writes
-            if distributed.is_main():
-                torch.save({"step": step, "optimizer": optimizer_state,
-                            "scheduler": scheduler.state_dict() if engine is None else None,
-                            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                            "extra": hooks.extra_state()}, tmp / STATE)
+            try:
+                if engine is not None:
+                    zero.save_checkpoint(engine, tmp)
+                hooks.save(tmp)  # sharded weights are gathered on every rank; rank 0 writes
+                if distributed.is_main():
+                    torch.save({"step": step, "optimizer": optimizer_state,
+                                "scheduler": scheduler.state_dict() if engine is None else None,
+                                "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+                                "extra": hooks.extra_state()}, tmp / STATE)
+            except Exception as exc:  # judged while the partial checkpoint still fills the disk
+                _stop_if_disk_full(exc, target, run_dir, "this checkpoint (it was discarded)")
+                raise
         return target
 
     epoch_cache: dict[int, list] = {}
@@ -319,14 +341,16 @@ def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | 
     if not distributed.is_main():
         return
     for folder, (model, adapter) in parts.items():
-        target = Path(directory) / folder
+        # Written whole beside the target, then renamed onto it: a kill or a full disk leaves the
+        # staging directory (cleared by the next run on this directory), never a half-written folder.
+        target, staging = Path(directory) / folder, Path(directory) / f".{folder}.staging"
+        shutil.rmtree(staging, ignore_errors=True)
         if adapter is None:
-            model.save_pretrained(str(target), state_dict=states.get(folder))
-            continue
-        staging = Path(directory) / f".{folder}.staging"
-        model.save_pretrained(str(staging), selected_adapters=[adapter], state_dict=states.get(folder))
+            model.save_pretrained(str(staging), state_dict=states.get(folder))
+        else:
+            model.save_pretrained(str(staging), selected_adapters=[adapter], state_dict=states.get(folder))
         shutil.rmtree(target, ignore_errors=True)
-        (staging / adapter).rename(target)
+        (staging if adapter is None else staging / adapter).rename(target)
         shutil.rmtree(staging, ignore_errors=True)
 
 
