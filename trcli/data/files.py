@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -34,12 +35,28 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+# What a damaged file raises while it is read: gzip.BadGzipFile (not gzip) is an OSError, a
+# truncated .gz an EOFError, corrupt compressed data a zlib.error.
+_READ_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def _unreadable(path: Path, exc: BaseException, after_line: int | None = None) -> DataError:
+    what = str(exc) or exc.__class__.__name__
+    if path.suffix == ".gz":
+        if isinstance(exc, gzip.BadGzipFile):
+            what = f"not a gzip file ({exc}); rename it without .gz if it is not compressed"
+        elif isinstance(exc, (EOFError, zlib.error)):
+            what = f"damaged or truncated gzip file ({exc})"
+    where = f"{path}:{after_line + 1}" if after_line else str(path)
+    return DataError(f"{where}: cannot read ({what})")
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         with _open_binary(path) as fh:
             return fh.read()
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise DataError(f"{path}: cannot read ({exc.__class__.__name__}: {exc})") from None
+    except _READ_ERRORS as exc:
+        raise _unreadable(path, exc) from None
 
 
 def _bad_utf8_field(value, name: str = "") -> str | None:
@@ -66,8 +83,14 @@ def _bad_utf8_field(value, name: str = "") -> str | None:
 def _checked(where: str, row) -> "dict | RowError":
     if not isinstance(row, dict):
         return RowError(where, "expected a JSON object")
-    bad = _bad_utf8_field(row)
+    try:
+        bad = _bad_utf8_field(row)
+    except RecursionError:
+        return RowError(where, _TOO_DEEP)
     return RowError(where, f"invalid UTF-8 in field '{bad}'") if bad else row
+
+
+_TOO_DEEP = "JSON nested too deeply"
 
 
 def read_jsonl(path: str | Path) -> Rows:
@@ -75,22 +98,29 @@ def read_jsonl(path: str | Path) -> Rows:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: input file not found")
-    with _open_binary(path) as fh:
-        for number, line in enumerate(fh, start=1):
-            where = f"{path}:{number}"
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                yield where, RowError(where, f"invalid UTF-8 at byte {exc.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield where, RowError(where, f"malformed JSON ({exc.msg}, column {exc.colno})")
-                continue
-            yield where, _checked(where, row)
+    number = 0
+    try:
+        with _open_binary(path) as fh:
+            for number, line in enumerate(fh, start=1):
+                where = f"{path}:{number}"
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    yield where, RowError(where, f"invalid UTF-8 at byte {exc.start}")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield where, RowError(where, f"malformed JSON ({exc.msg}, column {exc.colno})")
+                    continue
+                except RecursionError:
+                    yield where, RowError(where, _TOO_DEEP)
+                    continue
+                yield where, _checked(where, row)
+    except _READ_ERRORS as exc:  # the file itself, past its last whole line: no row can say it
+        raise _unreadable(path, exc, after_line=number) from None
 
 
 def read_json(path: str | Path) -> Rows:
@@ -122,6 +152,8 @@ def read_json(path: str | Path) -> Rows:
             row, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as exc:
             raise malformed(exc.pos, exc.msg) from None
+        except RecursionError:
+            raise malformed(start, _TOO_DEEP) from None
         where = f"{path}:{line_of(start)}"
         yield where, _checked(where, row)
         while pos < len(text) and text[pos] in " \t\r\n":
@@ -174,6 +206,13 @@ def read_parquet(path: str | Path) -> Rows:
         yield f"{path}:row {number}", row
 
 
+def suffix_format(path: str | Path) -> str | None:
+    """The format a file's suffix names (``x.csv``, ``x.jsonl.gz`` -> jsonl), or None."""
+    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
+    fmt = suffixes[-1].lstrip(".") if suffixes else None
+    return fmt if fmt in FORMATS else None
+
+
 def read_file(path: str | Path, fmt: str | None = None) -> Iterator[tuple[str, str, "dict | RowError"]]:
     """(split, where, row) of a local file, in ``fmt`` or the format its suffix names."""
     path = Path(path)
@@ -181,7 +220,7 @@ def read_file(path: str | Path, fmt: str | None = None) -> Iterator[tuple[str, s
         raise DataError(f"{path}: input file not found")
     if fmt is None:
         suffixes = [s for s in path.suffixes if s != ".gz"]
-        fmt = suffixes[-1].lstrip(".") if suffixes else "jsonl"
+        fmt = suffix_format(path) or ("jsonl" if not suffixes else suffixes[-1].lstrip("."))
         if fmt not in FORMATS:
             raise DataError(f"{path}: cannot tell the format from '{path.name}'; "
                             f"use --source {'|'.join(FORMATS)}")
