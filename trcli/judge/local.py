@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from trcli.config import ModelConfig
 from trcli.errors import UsageError
 from trcli.judge.prompts import PAIRWISE
 from trcli.modeling import load_base, load_tokenizer
+from trcli.tokens import Encoder
 
 BATCH = 8
 
@@ -46,7 +49,10 @@ class LMJudge:
         self.model = load_base(ModelConfig(), device, path=path).eval()
         self.device = device
         self.answer = PAIRWISE[task].answer
-        self.options = [self.tokenizer(s, add_special_tokens=False)["input_ids"] for s in (" A", " B")]
+        # Token ids as training makes them: a template-rendered prompt as the template wrote it,
+        # plain text with the tokenizer's BOS (once). Nothing is truncated (prompt() never cuts).
+        self.encoder = Encoder(self.tokenizer, max_length=self.tokenizer.model_max_length,
+                               templated=bool(self.tokenizer.chat_template))
 
     def _text(self, prompt: str) -> str:
         if self.tokenizer.chat_template:
@@ -63,7 +69,15 @@ class LMJudge:
         logp = torch.log_softmax(logits, dim=-1)
         return float(logp[torch.arange(len(option)), torch.tensor(option)].sum())
 
+    def _option_logp(self, text: str, head: list[int], option: str) -> float:
+        """log P(option | text), the option's tokens being where text + option's encoding leaves the
+        text's (tokens can merge across the boundary, as in training's joint tokenization)."""
+        full = self.encoder.prompt(text + option)
+        cut = len(os.path.commonprefix([head, full]))
+        return self._logp(full[:cut], full[cut:])
+
     def logit_gap(self, prompt: str) -> float:
         """log P(" A") - log P(" B") as the continuation of the prompt."""
-        ids = self.tokenizer(self._text(prompt), add_special_tokens=False)["input_ids"]
-        return self._logp(ids, self.options[0]) - self._logp(ids, self.options[1])
+        text = self._text(prompt)
+        head = self.encoder.prompt(text)
+        return self._option_logp(text, head, " A") - self._option_logp(text, head, " B")
