@@ -24,6 +24,16 @@ from trcli.stages.judge import _combine, candidate_first, match
     ("Comparison: both fine.\nMore helpful: neither", None),
     ("Preferred: A", None),  # the hh prompt asks for "More helpful"
     ("More helpful: Absolutely the first", None),
+    ("**More helpful**: B.", "B"),
+    ("More helpful:\nA", "A"),  # the letter on the line after the label
+    ("More helpful: Response B", "B"),
+    # Ambiguous: not guessed at (re-asked once, then unparseable).
+    ("Comparison: both good.\nMore helpful: A or B", None),
+    ("Comparison: tie.\nMore helpful: A and B are equally good", None),
+    ("A and B are equally good", None),
+    ("More helpful: A\nMore helpful: A or B", None),  # the last verdict line counts
+    ("More helpful: <\"A\" or \"B\">", None),  # the template echoed back
+    ("More helpful: A (it is longer)", None),
 ])
 def test_parse_pairwise_hh(text, expected):
     assert prompts.parse_pairwise("hh", text) == expected

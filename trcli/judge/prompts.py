@@ -103,14 +103,22 @@ def reask(task: str, protocol: str) -> str:
             f"Comparison: <one-sentence comparison and explanation>\n{answer}: <\"A\" or \"B\">")
 
 
+VERDICT = re.compile(r"(?:(?:response|summary)\s+)?([AB])", re.IGNORECASE)
+
+
 def parse_pairwise(task: str, text: str) -> str | None:
-    """'A' or 'B' from the verdict line (the last one if repeated), else None."""
+    """'A' or 'B' when the verdict slot holds exactly that, else None (re-asked, then unparseable).
+
+    The slot is what follows the answer label ("More helpful:") on its last occurrence, up to the
+    end of that line (or the next line when the label ends its line); an answer without the label
+    is a slot as a whole. Quotes, markdown emphasis, brackets, a final period and a leading
+    "Response" / "Summary" are allowed around the letter; anything else is ambiguous and is not
+    guessed at: "A or B", "A and B are equally good", "neither", "Absolutely the first"."""
     label = re.escape(PAIRWISE[task].answer)
-    found = re.findall(rf"{label}\s*:\s*[\"'*<]*\s*([AB])\b", text, flags=re.IGNORECASE)
-    if found:
-        return found[-1].upper()
-    bare = text.strip().strip("\"'*.").upper()
-    return bare if bare in ("A", "B") else None
+    slots = re.findall(rf"{label}[*_ \t]*:\s*(.*)$", text, flags=re.IGNORECASE | re.MULTILINE)
+    slot = (slots[-1] if slots else text).strip(" \t\r\n\"'*_`<>()[].")
+    found = VERDICT.fullmatch(slot)
+    return found.group(1).upper() if found else None
 
 
 def parse_hc(text: str) -> dict[str, int] | None:
