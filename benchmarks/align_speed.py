@@ -133,15 +133,17 @@ def matmul_flops(n: int = 4096, repeats: int = 5) -> float:
 
 def padding_stats(setup: dict, max_length: int) -> dict:
     """Tokens the forward computes per epoch: padded rows (plain) against packed rows."""
-    from trcli.batching import collate, encode, pack
+    from trcli.batching import collate, pack
     from trcli.data.records import load_prepped
     from trcli.modeling import load_tokenizer
     from trcli.training import shuffled_batches
 
     tok = load_tokenizer(setup["model"])
     rows = load_prepped(setup["data"])["train"].to_list()
-    items = [(encode(tok, r["prompt"], r["chosen"], max_length, max_length),
-              encode(tok, r["prompt"], r["rejected"], max_length, max_length)) for r in rows]
+    from trcli.tokens import Encoder
+
+    encoder = Encoder(tok, max_length)
+    items = [e for r in rows if (e := encoder(r["prompt"], [r["chosen"], r["rejected"]]))]
     out = {"real": 0, "padded": 0, "packed": 0, "packed_fed": 0}
     for batch in shuffled_batches(items, BATCH, 42):
         seqs = [(c.prompt, c.completion) for c, _ in batch] + [(r.prompt, r.completion) for _, r in batch]
@@ -185,7 +187,7 @@ def run_trcli(system: str, setup: dict, work: Path, max_length: int) -> dict:
     align.fit, align.update_lora_reference = timed_fit, timed_update
     cfg = Config.model_validate({
         "model": {"name_or_path": setup["model"], "lora_r": LORA["r"], "lora_alpha": LORA["alpha"]},
-        "data": {"path": setup["data"], "max_length": max_length, "max_prompt_length": max_length},
+        "data": {"path": setup["data"], "max_length": max_length},
         "train": {"batch_size": BATCH, "learning_rate": LR, "device": "cpu", "logging_steps": 10},
         "align": {"method": "dpo" if system == "trcli-dpo" else "tr-dpo", "update": "soft", "alpha": ALPHA,
                   "tau": 1, "beta": BETA},

@@ -140,3 +140,30 @@ def test_gemma3_shaped_model_with_a_sliding_window_equals_a_plain_forward(tok):
     seqs = _chat_seqs(tok, 4)
     assert max(len(p) + len(c) for p, c in seqs) > 100  # far past the window
     _check_training_batch(model, seqs, atol=5e-5)
+
+
+@needs_hh
+def test_prep_sft_tr_dpo_generate_on_smollm2_with_its_chat_template(smollm2, tmp_path):
+    """The pipeline on the real instruct model: records rendered through ChatML, trained, and sampled
+    replies that stop where the template ends a turn (no fake next turn)."""
+    from conftest import metrics, ok
+
+    src = tmp_path / "hh.jsonl"
+    with gzip.open(REAL_HH, "rt", encoding="utf-8") as fh:
+        src.write_text("".join(next(fh) for _ in range(16)), encoding="utf-8")
+    limits = ["--max-length", "192"]
+    ok("prep", "--source", "hh", "--input", src, "--model", smollm2, "--test-size", "0.25", *limits, "-o", tmp_path / "prep")
+    manifest = json.loads((tmp_path / "prep" / "trcli-run.json").read_text())
+    assert manifest["outputs"]["chat_template"].startswith("sha256:")
+    train = ["--batch-size", "2", "--max-steps", "2", "--lora-r", "4", *limits]
+    ok("sft", "--from", tmp_path / "prep", *train, "--lr", "1e-4", "-o", tmp_path / "sft")
+    ok("align", "--from", tmp_path / "sft", "--method", "tr-dpo", *train, "--lr", "1e-5", "-o", tmp_path / "tr-dpo")
+    assert all(m["loss"] == m["loss"] for m in metrics(tmp_path / "tr-dpo"))  # finite
+    ok("generate", "--from", tmp_path / "tr-dpo", "--prompts", tmp_path / "prep", "--limit", "3", "--temperature", "0",
+       "--max-new-tokens", "96", "-o", tmp_path / "gens.jsonl")
+    records = [json.loads(line) for line in (tmp_path / "gens.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and any(r["stop"] == "eos" for r in records)
+    for r in records:
+        assert r["prompt"].endswith("<|im_start|>assistant\n")
+        assert "<|im_end|>" not in r["completion"] and "<|im_start|>" not in r["completion"]
+        assert "Human:" not in r["completion"] and r["completion"].strip()

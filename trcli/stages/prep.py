@@ -285,7 +285,8 @@ def render(result: dict):
     for field, stats in result["tokens"].items():
         lengths.add_row(field, *(str(stats[f"p{q}"]) for q in PERCENTILES), str(stats["max"]), str(stats["mean"]))
     cut = result["truncated"]
-    note = (f"truncation ({cut['truncation']}): {cut['prompt']} prompts cut at max_prompt_length="
-            f"{cut['max_prompt_length']}, {cut['completion']} records cut and {cut['dropped']} dropped at max_length="
+    prompts = (f"{cut['prompt']} prompts cut at max_prompt_length={cut['max_prompt_length']}, "
+               if cut["max_prompt_length"] else "whole prompts kept, ")
+    note = (f"truncation ({cut['truncation']}): {prompts}{cut['completion']} records cut and {cut['dropped']} dropped at max_length="
             f"{cut['max_length']}, {cut['short']} left with a completion under {SHORT} tokens")
     return Group(table, lengths, note)
