@@ -1,31 +1,24 @@
 """judge against a real OpenAI-compatible HTTP server on 127.0.0.1, run through the real CLI.
 
-The server scripts its verdicts from the texts it is shown: it prefers the response containing
-GOOD whichever position it is in, always answers "A" for BIAS items (so --swap turns them into
-ties), answers junk for JUNK items, junk then a valid answer for FIXME items, and fails the first
-attempt of RATE (429 + Retry-After: 0), FAIL (500) and SLOW (reply after the client timeout) items.
+The server (tests/judge_server.py) scripts its verdicts from the texts it is shown: it prefers the
+response containing GOOD whichever position it is in, always answers "A" for BIAS items (so --swap
+turns them into ties), answers junk for JUNK items, junk then a valid answer for FIXME items, and
+fails the first attempt of RATE (429 + Retry-After: 0), FAIL (500) and SLOW (reply after the client
+timeout) items. Its hostile modes are exercised in test_judge_faults.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from conftest import run_cli
+from judge_server import KEY, TIMEOUT, serve
 from trcli.judge import client as client_mod
-from trcli.judge.cache import request_key
 from trcli.judge.prompts import CRITERIA
 from trcli.stages.judge import candidate_first
-
-KEY = "sk-test-SECRETkey0123456789"
-USAGE = {"prompt_tokens": 100, "completion_tokens": 10}
-TIMEOUT = 0.5
 
 # (prompt tag, candidate completion, baseline completion) for ten items.
 ITEMS = [
@@ -42,73 +35,10 @@ ITEMS = [
 ]
 
 
-class Judge(BaseHTTPRequestHandler):
-    state: dict  # set per server: requests, auth headers, attempts per body
-
-    def log_message(self, *args):  # keep the test output clean
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        state = self.state
-        key = request_key(body)
-        with state["lock"]:
-            state["requests"].append(body)
-            state["auth"].add(self.headers.get("Authorization"))
-            attempt = state["attempts"][key] = state["attempts"].get(key, 0) + 1
-        first_question = body["messages"][0]["content"]
-        if state.get("status"):
-            return self._send(state["status"], {"error": {
-                "message": f"Incorrect API key provided: {KEY[:8]}****{KEY[-4:]}", "key": KEY}})
-        if attempt == 1 and "RATE" in first_question:
-            return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
-        if attempt == 1 and "FAIL" in first_question:
-            return self._send(500, {"error": {"message": "oops"}})
-        if attempt == 1 and "SLOW" in first_question:
-            time.sleep(TIMEOUT * 3)
-        self._send(200, {"choices": [{"message": {"role": "assistant", "content": verdict(body["messages"])}}],
-                         "usage": USAGE})
-
-    def _send(self, status, payload, headers=None):
-        data = json.dumps(payload).encode()
-        try:
-            self.send_response(status)
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-            pass
-
-
-def verdict(messages: list[dict]) -> str:
-    question = messages[0]["content"]
-    if question.startswith("Rate the response"):  # --protocol hc: 8 for GOOD responses, else 5
-        if "JUNK" in question and len(messages) == 1:
-            return "A fine answer overall."
-        score = 8 if "GOOD" in question else 5
-        return "\n".join(f"{c.capitalize()}: {score}" for c in CRITERIA)
-    if "JUNK" in question or ("FIXME" in question and len(messages) == 1):
-        return "I cannot decide, both are fine."
-    a = re.search(r"Response A:\n(.*?)\n\nResponse B:", question, re.S).group(1)
-    choice = "A" if "BIAS" in question or "GOOD" in a else "B"
-    return f"Comparison: one is better.\nMore helpful: {choice}"
-
-
 @pytest.fixture
 def server():
-    state = {"requests": [], "auth": set(), "attempts": {}, "lock": threading.Lock()}
-    handler = type("ScriptedJudge", (Judge,), {"state": state})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+    with serve() as state:
+        yield state
 
 
 @pytest.fixture(autouse=True)
@@ -224,18 +154,29 @@ def test_retries_exhausted_exit_1(tmp_path, server):
     assert len(server["requests"]) == 3
 
 
+def worst_case(size: int, max_tokens: int) -> float:
+    """gpt-4's price of a request body of ``size`` bytes, each counted as a prompt token, plus
+    max_tokens of answer: what the client reserves before sending it."""
+    return (size * 0.03 + max_tokens * 0.06) / 1000
+
+
 def test_max_cost_stops_then_resumes(tmp_path, server):
     cand, base = write_generations(tmp_path / "gens", ITEMS[3:7])
     cache = tmp_path / "cache"
     env = {"JUDGE_KEY": KEY, "TRCLI_JUDGE__MAX_TOKENS": "16"}
+    probe = run_cli(*judge_args(server, cand, base, tmp_path / "probe", tmp_path / "probe-cache"), env=env)
+    assert probe.exit_code == 0, probe.stderr
+    reserve = max(worst_case(size, 16) for size in server["sizes"])
+    server["requests"].clear()
+    server["attempts"].clear()
     per_request = (100 * 0.03 + 10 * 0.06) / 1000
-    budget = 2.5 * per_request
+    budget = reserve + 1.5 * per_request  # room for two requests, each reserving its worst case in turn
     res = run_cli(*judge_args(server, cand, base, tmp_path / "a", cache, "--concurrency", "1",
                               "--max-cost-usd", str(budget)), env=env)
     assert res.exit_code == 0, res.stderr
     r = json.loads(res.stdout)
-    assert 1 <= r["requests_sent"] < 4 and r["not_judged"] == 4 - r["requests_sent"]
-    assert r["spent_usd"] <= budget and "max-cost-usd" in res.stderr
+    assert r["requests_sent"] == 2 and r["not_judged"] == 2
+    assert r["spent_usd"] == pytest.approx(2 * per_request) and "max-cost-usd" in res.stderr
     first = len(server["requests"])
     res = run_cli(*judge_args(server, cand, base, tmp_path / "b", cache, "--max-cost-usd", "1"), env=env)
     r = json.loads(res.stdout)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import threading
+import time
 from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from trcli.errors import DataError
+from trcli.errors import DataError, UsageError
 from trcli.judge import prompts, stats
-from trcli.judge.client import Budget, BudgetExhausted, _retry_after, cost_usd, price
+from trcli.judge.client import (BadAnswer, Budget, BudgetExhausted, Scrubber, _retry_after, answer_text,
+                                check_base_url, clean_usage, cost_usd, price)
 from trcli.stages.judge import _combine, candidate_first, match
 
 
@@ -111,20 +115,111 @@ def test_combine_orders():
     assert _combine(j(None, None)) == "unparseable"
 
 
-def test_prices_and_budget():
+def test_prices_and_costs():
     assert price("gpt-4o-mini-2024-07-18") == price("gpt-4o-mini") != price("gpt-4o")
     assert price("llama-3-70b") is None
     assert cost_usd("gpt-4", {"prompt_tokens": 1000, "completion_tokens": 500}) == pytest.approx(0.06)
+
+
+def test_budget_settles_by_usage_or_reservation():
     budget = Budget(0.10)
-    held = budget.reserve(0.04)
-    budget.settle(held, 0.07)  # the first answer cost more than guessed
+    budget.settle(budget.reserve(0.04), 0.01)  # the answer reported its usage
+    budget.settle(budget.reserve(0.04), None)  # it did not: the reservation counts
+    assert budget.spent == pytest.approx(0.05) and budget.reserved == 0 and budget.in_flight == 0
     with pytest.raises(BudgetExhausted):
-        budget.reserve(0.01)  # the next request is assumed as dear as the dearest seen (0.07)
-    assert budget.spent == pytest.approx(0.07) and budget.reserved == 0
+        budget.reserve(0.06)  # 0.05 + 0.06 > 0.10 with nothing in flight
+    budget.settle(budget.reserve(0.02), 0.04)  # an endpoint reporting twice the worst case...
+    assert budget.overrun == pytest.approx(2.0)
+    with pytest.raises(BudgetExhausted):
+        budget.reserve(0.008)  # ...makes later reservations twice as large: 0.09 + 0.016 > 0.10
+    assert Budget(None).reserve(1e9) == 1e9  # no cap
+
+
+def test_budget_waits_for_requests_in_flight():
+    """A reservation that does not fit while others are in flight waits for them to settle instead
+    of being refused with budget left; it is refused once nothing is in flight and it still does not fit."""
+    budget = Budget(0.10)
+    first = budget.reserve(0.06)
+    outcomes = []
+
+    def reserve():
+        try:
+            outcomes.append(budget.reserve(0.06))
+        except BudgetExhausted:
+            outcomes.append("refused")
+
+    second = threading.Thread(target=reserve)
+    second.start()
+    time.sleep(0.2)
+    assert second.is_alive() and outcomes == []  # 0.06 + 0.06 > 0.10: waiting, not refused
+    budget.settle(first, 0.01)  # the first answer cost less than its worst case
+    second.join(5)
+    assert outcomes == [pytest.approx(0.06)] and budget.in_flight == 1
+    third = threading.Thread(target=reserve)
+    third.start()
+    time.sleep(0.2)
+    assert third.is_alive() and len(outcomes) == 1
+    budget.settle(outcomes[0], None)  # no usage: 0.01 + 0.06 spent, 0.06 more does not fit
+    third.join(5)
+    assert outcomes[1] == "refused" and budget.spent == pytest.approx(0.07)
+
+
+def test_usage_is_numbers_or_unknown():
+    assert clean_usage({"prompt_tokens": 12, "completion_tokens": 2.5, "total_tokens": 15}) == \
+        {"prompt_tokens": 12, "completion_tokens": 3}
+    for junk in (None, "lots", [], {"prompt_tokens": "ten", "completion_tokens": 1}, {"prompt_tokens": 5},
+                 {"prompt_tokens": True, "completion_tokens": 1}, {"prompt_tokens": -1, "completion_tokens": 1},
+                 {"prompt_tokens": float("nan"), "completion_tokens": 1}):
+        assert clean_usage(junk) == {}, junk
+
+
+@pytest.mark.parametrize("raw", [[], "text", None, {}, {"choices": []}, {"choices": [[]]}, {"choices": [{}]},
+                                 {"choices": [{"message": {"content": [{"type": "text", "text": "A"}]}}]},
+                                 {"choices": [{"message": {"content": 7}}]}])
+def test_answer_text_rejects_what_is_not_a_chat_completion(raw):
+    with pytest.raises(BadAnswer):
+        answer_text(raw)
+
+
+def test_answer_text():
+    assert answer_text({"choices": [{"message": {"content": "More helpful: A"}}]}) == "More helpful: A"
+    assert answer_text({"choices": [{"message": {"content": None, "refusal": "no"}}]}) == ""  # re-asked
+
+
+def test_scrubber_removes_the_key_in_any_form():
+    key = "sk-proj-Zx81Qa09LmNB72vvTTqpWw"
+    auth = f"Bearer {key}"
+    scrub = Scrubber(key)
+    b64_auth = base64.b64encode(auth.encode()).decode()
+    basic = base64.urlsafe_b64encode(f"user:{key}".encode()).decode()
+    text = (f"header {auth}; base64 {b64_auth}; basic {basic}; part of it {b64_auth[14:30]}; "
+            f"its tail ...{key[-10:]}; another format {key.replace('-', '_')} {key.upper()}; {key[3:].lower()}")
+    out = scrub(text)
+    assert out.startswith("header Bearer sk-***; base64 QmVhcmVy") and "its tail ...***;" in out
+    key_only = [key, b64_auth[10:-2], basic[7:-2]]  # the parts of the base64 forms set by the key alone
+    for secret in key_only:
+        for i in range(len(secret) - 7):
+            assert secret[i:i + 8].lower() not in out.lower(), (secret[i:i + 8], out)
+    assert scrub.json({"a": [auth, 1, None], key: {"b": key}}) == {"a": ["Bearer sk-***", 1, None], "sk-***": {"b": "sk-***"}}
+    assert scrub("More helpful: A") == "More helpful: A"
+    assert Scrubber("EMPTY")("key EMPTY, B is empty, EMPTYING") == "key ***, B is empty, EMPTYING"  # short keys
+    assert Scrubber("x")("x marks it") == "x marks it"
+    assert Scrubber(None)("key sk-abcdefgh0123456789xyz, masked sk-ab****wxyz; risk-averse, task-specific, sk-learn") == \
+        "key sk-***, masked sk-***; risk-averse, task-specific, sk-learn"
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://", "ftp://host/v1", "localhost:8000/v1", "http:///v1",
+                                 "http://127.0.0.1:99999/v1", " http://host"])
+def test_malformed_base_url_is_a_usage_error(url):
+    with pytest.raises(UsageError, match="--base-url"):
+        check_base_url(url)
+    check_base_url("http://127.0.0.1:8000/v1")
+    check_base_url("https://api.openai.com/v1")
 
 
 def test_retry_after():
     assert _retry_after("3") == 3.0 and _retry_after("0") == 0.0 and _retry_after(None) is None
     later = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
     assert 25 < _retry_after(later) <= 30
-    assert _retry_after("soon") is None
+    assert _retry_after("soon") is None and _retry_after("nan") is None and _retry_after("inf") is None
+    assert _retry_after("-5") == 0.0

@@ -26,7 +26,7 @@ from trcli.data.files import RowError, read_jsonl
 from trcli.errors import DataError, GateError, UsageError
 from trcli.judge import prompts, stats
 from trcli.judge.cache import Cache, request_key
-from trcli.judge.client import PRICES, Budget, BudgetExhausted, Client, cost_usd, price
+from trcli.judge.client import PRICES, Budget, BudgetExhausted, Client, check_base_url, cost_usd, price
 from trcli.runs import Run, write_json, write_text
 
 CANDIDATE, BASELINE = "candidate", "baseline"
@@ -195,12 +195,23 @@ def _judge_api(cfg: Config, items: list[Item]) -> tuple[list[dict], Client]:
         except BudgetExhausted:  # answers already cached stay cached; a rerun with more budget resumes
             return {"result": "not_judged"}
 
+    pool = ThreadPoolExecutor(max_workers=j.concurrency)
     try:
-        with ThreadPoolExecutor(max_workers=j.concurrency) as pool:
-            annotations = list(_progress(pool.map(task, items), len(items)))
-    finally:
+        futures = [pool.submit(task, item) for item in items]
+        annotations = list(_progress((f.result() for f in futures), len(items)))
+    finally:  # after an error (a 401, retries run out) the items not yet started are not asked
+        pool.shutdown(wait=True, cancel_futures=True)
         client.close()
+    _report_damaged(client)
     return annotations, client
+
+
+def _report_damaged(client: Client, dry_run: bool = False) -> None:
+    n = len(client.cache.damaged)
+    if n:
+        then = "counted as requests" if dry_run else "asked again and rewritten"
+        print(f"trcli judge: warning: {n} damaged cache entr{'y' if n == 1 else 'ies'} under {client.cache.dir} "
+              f"(cut short, or not a chat completion) ignored: {then}", file=sys.stderr)
 
 
 def _progress(results, total: int):
@@ -315,8 +326,9 @@ def _dry_run(cfg: Config, kind: str, items: list[Item], unmatched: int) -> dict:
             for text in texts:
                 body = client.body([{"role": "user", "content": text}])
                 bodies[request_key(body)] = body
+        cached = sum(client.cached(body) is not None for body in bodies.values())
         client.close()
-        cached = sum(client.cache.has(body) for body in bodies.values())
+        _report_damaged(client, dry_run=True)
     else:
         cached = 0
     return {"dry_run": True, "judge": j.judge, "items": len(items), "unmatched": unmatched,
@@ -336,6 +348,8 @@ def run(cfg: Config) -> dict:
         raise UsageError("--swap applies to pairwise judging; --protocol hc rates each response on its own")
     if j.max_cost_usd is not None and kind == "api" and price(j.judge) is None:
         raise UsageError(f"--max-cost-usd: no price known for model '{j.judge}' (known: {', '.join(PRICES)})")
+    if kind == "api":
+        check_base_url(j.base_url)
     items, unmatched = match(_read(j.candidate, CANDIDATE), _read(j.baseline, BASELINE))
     if not items:
         raise DataError(f"no candidate record in {j.candidate} matches a baseline record (by id or prompt)")
@@ -364,6 +378,10 @@ def run(cfg: Config) -> dict:
         print(f"trcli judge: warning: stopped before exceeding --max-cost-usd {j.max_cost_usd}; "
               f"{result['not_judged']} item(s) not judged (rerun with a larger budget to finish)", file=sys.stderr)
     out = Path(cfg.output)
+    if client is not None:  # answers were scrubbed as they came; what is written is scrubbed again, whole
+        annotations, result = client.scrub.json(annotations), client.scrub.json(result)
+    # Written whole and atomically, never appended to: a killed run leaves the previous file (or none)
+    # and its answers in the cache, never a torn line.
     write_text(out / "annotations.jsonl", "".join(json.dumps(_ordered(a)) + "\n" for a in annotations))
     result["output"] = str(out)
     write_json(out / "summary.json", result)
