@@ -126,6 +126,66 @@ def import_deepspeed():
     return deepspeed
 
 
+def _extension_roots() -> list[Path]:
+    """Where torch's extension builder keeps its build directories (DeepSpeed's JIT ops among them)."""
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return [Path(os.environ["TORCH_EXTENSIONS_DIR"])]
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return [Path(get_default_build_root())]
+
+
+def _files_held_open() -> set[str] | None:
+    """The paths that live processes on this machine hold open (/proc/*/fd), or None without /proc."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    held = set()
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    held.add(os.readlink(fd))
+        except OSError:  # the process ended, or is another user's
+            continue
+    return held
+
+
+def clear_stale_build_locks(roots: list[Path] | None = None) -> list[Path]:
+    """Remove build locks that no live build holds, with a warning; return them.
+
+    torch's extension builder (torch.utils.cpp_extension.load, which DeepSpeed uses to compile its
+    CPU ops on first use) takes ``<build dir>/lock`` by creating it exclusively and holds it open
+    while it compiles; every other process waits, without a word and without a limit, for the file
+    to disappear. A build that was killed leaves it behind, and every later DeepSpeed run would
+    wait forever. A lock that no process on this machine holds open is such a leftover. (Without
+    /proc nothing can be told apart: the lock is named instead, with the fix.)"""
+    locks = {}
+    for root in roots or _extension_roots():
+        for lock in (*root.glob("*/lock"), *root.glob("*/*/lock")):
+            with contextlib.suppress(OSError):
+                locks[lock] = lock.stat().st_ino
+    if not locks:
+        return []
+    held = _files_held_open()  # after the listing: a lock listed and then taken by a build shows as held
+    cleared = []
+    for lock, inode in locks.items():
+        if held is None:
+            print(f"warning: {lock} exists: if no DeepSpeed op is being built right now, a killed build left it "
+                  "and the next build will wait for it forever; delete it", file=sys.stderr)
+            continue
+        if str(lock) in held or os.path.realpath(lock) in held:
+            continue  # a build is running: waiting for it is right
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock).st_ino != inode:  # released and taken anew since it was listed: a live build's
+                continue
+            os.remove(lock)
+            cleared.append(lock)
+            print(f"warning: removed {lock}: a killed build of a DeepSpeed op left it, and the op's next build "
+                  "would have waited for it forever", file=sys.stderr)
+    return cleared
+
+
 def prepare(config: dict | None) -> None:
     """Before anything is written: with a DeepSpeed config, import deepspeed and let it check the
     config's zero_optimization block and that it lets trcli own accumulation; without one, import an
@@ -139,6 +199,7 @@ def prepare(config: dict | None) -> None:
                 import_deepspeed()
         return
     deepspeed = import_deepspeed()
+    clear_stale_build_locks()  # before any op is built (CPU AdamW for offloaded optimizer states)
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
     from pydantic import ValidationError
 
