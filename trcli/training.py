@@ -196,7 +196,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                                 "extra": hooks.extra_state()}, tmp / STATE)
             except Exception as exc:  # judged while the partial checkpoint still fills the disk
-                _stop_if_disk_full(exc, target, run_dir, "this checkpoint (it was discarded)")
+                _stop_if_disk_full(exc, target, run_dir, "this checkpoint")
                 raise
         return target
 

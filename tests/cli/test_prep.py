@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,99 @@ def test_sft_then_align_from_the_source_fixtures(tmp_path, tiny_model, source):
        "--max-steps", "2", "--batch-size", "4", "-o", tmp_path / "align")
     manifest = json.loads((tmp_path / "align" / "trcli-run.json").read_text())
     assert manifest["status"] == "completed" and manifest["outputs"]["final"]["ref_updates"] == 1
+
+
+# --- damaged files and the format from the suffix (issue 13) ---------------------------------------
+
+def _gz_rows(n: int = 200) -> bytes:
+    return gzip.compress("".join(json.dumps({**GOOD, "prompt": f"p{i}"}) + "\n" for i in range(n)).encode())
+
+
+DEEP = "[" * 100_000 + "]" * 100_000  # json.loads recurses once per level
+
+
+@pytest.mark.parametrize("name,content,source,needle", [
+    ("cut.jsonl.gz", lambda: _gz_rows()[: len(_gz_rows()) // 2], "jsonl", "damaged or truncated gzip file"),
+    ("cut-auto.jsonl.gz", lambda: _gz_rows()[: len(_gz_rows()) // 2], None, "damaged or truncated gzip file"),
+    ("plain.jsonl.gz", lambda: json.dumps(GOOD).encode() + b"\n", "jsonl", "not a gzip file"),
+    ("flipped.jsonl.gz", lambda: _gz_rows()[:30] + bytes(b ^ 0xFF for b in _gz_rows()[30:60]) + _gz_rows()[60:],
+     "jsonl", "damaged or truncated gzip file"),
+    ("cut.csv.gz", lambda: gzip.compress(b"prompt,chosen,rejected\n" + b"p,c,r\n" * 500)[:-40], "csv",
+     "damaged or truncated gzip file"),
+    ("deep.jsonl", lambda: (json.dumps(GOOD) + "\n" + '{"prompt": ' + DEEP + "}\n").encode(), "jsonl",
+     ":2: JSON nested too deeply"),
+    ("deep.json", lambda: ("[" + json.dumps(GOOD) + ",\n" + DEEP + "]").encode(), "json", ":2: malformed JSON (JSON nested too deeply)"),
+    ("hh-cut.jsonl.gz", lambda: _gz_rows()[:-25], "hh", "damaged or truncated gzip file"),
+])
+def test_damaged_files_are_one_line_exit_2_naming_the_file(tmp_path, name, content, source, needle):
+    src = tmp_path / name
+    src.write_bytes(content())
+    out = tmp_path / "out"
+    result = run_cli("prep", *(["--source", source] if source else []), "--input", src, "-o", out)
+    assert result.exit_code == 2, result.stderr
+    assert needle in result.stderr and str(src) in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert "Aborted" not in result.stderr and not out.exists()
+
+
+def test_a_truncated_gz_names_the_line_it_broke_after(tmp_path):
+    src = tmp_path / "cut.jsonl.gz"
+    whole = gzip.compress("".join(json.dumps({**GOOD, "prompt": f"p{i}", "pad": "x" * 200}) + "\n"
+                                  for i in range(2000)).encode())
+    src.write_bytes(whole[: len(whole) // 2])
+    result = run_cli("prep", "--input", src, "--on-error", "skip", "-o", tmp_path / "out")
+    assert result.exit_code == 2  # skip is for bad rows; a file that ends early is not one
+    line = int(re.search(rf"{re.escape(str(src))}:(\d+): cannot read", result.stderr).group(1))
+    assert 1 < line < 2000
+
+
+def test_a_deeply_nested_row_is_skipped_like_any_bad_row(tmp_path):
+    src = tmp_path / "deep.jsonl"
+    src.write_text(json.dumps(GOOD) + "\n" + DEEP + "\n" + json.dumps({**GOOD, "prompt": "q"}) + "\n")
+    report = prep_json("--input", src, "--on-error", "skip", "-o", tmp_path / "out")
+    assert (report["rows_in"], report["rows_out"], report["dropped"]) == (3, 2, {"malformed": 1})
+
+
+def _write_as(path: Path, rows: list[dict]) -> Path:
+    if path.name.endswith(".csv"):
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    elif path.name.endswith(".json"):
+        path.write_text(json.dumps(rows, indent=1))
+    elif path.name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    else:
+        write_jsonl(path, rows)
+    return path
+
+
+@pytest.mark.parametrize("name,source", [("pairs.csv", "csv"), ("pairs.json", "json"), ("pairs.parquet", "parquet"),
+                                         ("pairs.jsonl.gz", "jsonl"), ("pairs.CSV", "csv"), ("pairs.txt", "jsonl"),
+                                         ("pairs", "jsonl")])
+def test_without_source_the_suffix_names_the_format(tmp_path, name, source):
+    rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
+    if name == "pairs.CSV":
+        _write_as(tmp_path / "x.csv", rows).rename(tmp_path / name)
+    else:
+        _write_as(tmp_path / name, rows)
+    out = tmp_path / "out"
+    report = prep_json("--input", tmp_path / name, "-o", out)
+    assert (report["source"], report["rows_out"]) == (source, 5)
+    assert load(out)["train"]["chosen"] == [f"good {i}" for i in range(5)]
+    manifest = json.loads((out / "trcli-run.json").read_text())
+    assert manifest["config"]["data"]["source"] == source  # the manifest says how the input was read
+
+
+def test_an_explicit_source_wins_over_the_suffix(tmp_path):
+    src = _write_as(tmp_path / "pairs.csv", [GOOD])
+    result = run_cli("prep", "--source", "jsonl", "--input", src, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and f"{src}:1: malformed JSON" in result.stderr
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data:\n  source: jsonl\n")
+    result = run_cli("prep", "-c", recipe, "--input", src, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and f"{src}:1: malformed JSON" in result.stderr
