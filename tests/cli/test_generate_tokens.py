@@ -143,3 +143,16 @@ def test_a_prep_output_is_encoded_as_prep_rendered_it(tmp_path, bos_model, lm, p
                 assert r["prompt"].startswith("<|endoftext|>user: ")
             assert ids.count(tok.bos_token_id) == 1
             check(r, lm, ids)
+
+
+def test_raw_prompts_rendered_otherwise_than_the_training_data_warn(tmp_path, bos_model, prep_run):
+    template = tmp_path / "chat.jinja"
+    template.write_text(TEMPLATE)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "Hi"}\n')
+    env = {"TRCLI_DATA__PATH": str(prep_run)}  # what --from an sft run on that (plain) prep output sets
+    args = ["generate", "--model", bos_model, "--prompts", prompts, "--max-new-tokens", "2"]
+    warned = ok(*args, "--chat-template", template, "-o", tmp_path / "a.jsonl", env=env)
+    assert "trained on" in warned.stderr and "rendered as plain text" in warned.stderr
+    assert "--chat-template none" in warned.stderr
+    assert "warning" not in ok(*args, "--chat-template", "none", "-o", tmp_path / "b.jsonl", env=env).stderr

@@ -36,7 +36,7 @@ from trcli.data.records import load_prepped, rendering
 from trcli.errors import DataError, UsageError
 from trcli.modeling import load_base, load_tokenizer, pick_device
 from trcli.runs import inherit, output_lock, read_jsonl_repairing, upstream
-from trcli.tokens import Encoder, end_of_turn_ids, resolve_chat_template
+from trcli.tokens import Encoder, end_of_turn_ids, resolve_chat_template, template_id
 
 _SPEAKER = {"user": "Human", "assistant": "Assistant"}
 
@@ -114,6 +114,19 @@ def _encode(prompts: list[dict], tokenizer, template: str | None, max_length: in
                 raise DataError(f"prompt '{p['id']}': the chat template cannot render it ({exc}); "
                                 "pass --chat-template none for plain text") from None
             p["ids"] = templated.prompt(text)
+
+
+def _warn_if_trained_otherwise(cfg: Config, prompts: list[dict], template: str | None) -> None:
+    """Raw prompts rendered otherwise than the policy's training data (``--from``'s data) were."""
+    if not prompts or "rendered" in prompts[0] or not cfg.data.path or not Path(cfg.data.path).is_dir():
+        return
+    trained = rendering(cfg.data.path)
+    if trained != template_id(template):
+        how = "as plain text" if trained is None else "with another chat template"
+        fix = "--chat-template none" if trained is None else "--chat-template with the template prep used"
+        now = "plain text" if template is None else "a chat template"
+        print(f"trcli generate: warning: the policy was trained on {cfg.data.path} rendered {how}, but these "
+              f"prompts get {now}; pass {fix}", file=sys.stderr)
 
 
 def load_policy(cfg: Config, run: dict, device: torch.device):
@@ -247,6 +260,7 @@ def _generate(cfg: Config, up: dict, prompts: list[dict], to_stdout: bool) -> di
     device = pick_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     template = resolve_chat_template(tokenizer, cfg.data.chat_template)
+    _warn_if_trained_otherwise(cfg, prompts, template)
     _encode(prompts, tokenizer, template, cfg.data.max_length)
     # Batches over the whole sample list, similar lengths together (less padding); stable, so a
     # re-run forms the same batches whatever is already written, and skips those written whole.
