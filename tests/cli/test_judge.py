@@ -198,3 +198,45 @@ def test_hc_ratings(tmp_path, server):
         assert (row["candidate"], row["baseline"]) == (pytest.approx(6.8), pytest.approx(6.2))
         assert row["diff"] == pytest.approx(0.6)
     assert "ours" in r["prompt_source"]
+
+
+def test_identical_pairs_are_warned_about(tmp_path, server):
+    """The same generations on both sides: one warning line before anything is sent (also with
+    --dry-run), and the count in the summary; a minority of identical pairs says nothing."""
+    same = [("", f"same reply {i}", f"same reply {i}") for i in range(4)]
+    cand, base = write_generations(tmp_path / "gens", same)
+    env = {"JUDGE_KEY": KEY}
+    dry = run_cli(*judge_args(server, cand, base, tmp_path / "out", tmp_path / "cache", "--dry-run"), env=env)
+    assert dry.exit_code == 0 and dry.stderr.count("\n") == 1
+    assert "identical on every item" in dry.stderr and "warning" in dry.stderr
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "out", tmp_path / "cache"), env=env)
+    assert res.exit_code == 0 and res.stderr.count("\n") == 1 and "identical on every item" in res.stderr
+    assert json.loads(res.stdout)["identical"] == 4
+    most = same[:3] + [ITEMS[3]]
+    cand, base = write_generations(tmp_path / "gens2", most)
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "out2", tmp_path / "cache"), env=env)
+    assert "identical on 3 of 4 items" in res.stderr
+    few = same[:1] + ITEMS[3:6]
+    cand, base = write_generations(tmp_path / "gens3", few)
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "out3", tmp_path / "cache"), env=env)
+    assert res.exit_code == 0 and res.stderr == "" and json.loads(res.stdout)["identical"] == 1
+
+
+def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, server, monkeypatch):
+    """Under nohup (stderr a file): a plain line at a steady cadence with done / total, items/s and
+    the ETA, and one at the end; stdout holds the result only. (30 s in real runs; 0.1 s here.)"""
+    from trcli.judge import progress
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.1)
+    server["delay"] = 0.05
+    items = [("", f"GOOD reply {i}", f"plain reply {i}") for i in range(12)]
+    cand, base = write_generations(tmp_path / "gens", items)
+    res = run_cli(*judge_args(server, cand, base, tmp_path / "out", tmp_path / "cache", "--concurrency", "1"),
+                  env={"JUDGE_KEY": KEY})
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["wins"] == 12
+    lines = res.stderr.splitlines()
+    assert len(lines) >= 3 and all(line.startswith("trcli judge: ") for line in lines)
+    assert all(" items (" in line and "items/s, ETA " in line for line in lines[:-1])
+    done = [int(line.split(": ")[1].split("/")[0]) for line in lines]
+    assert done == sorted(done) and lines[-1].startswith("trcli judge: 12/12 items in ")

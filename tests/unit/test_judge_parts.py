@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import math
 import threading
 import time
 from email.utils import format_datetime
@@ -14,7 +13,8 @@ import pytest
 from trcli.errors import DataError, UsageError
 from trcli.judge import prompts, stats
 from trcli.judge.client import (BadAnswer, Budget, BudgetExhausted, Scrubber, _retry_after, answer_text,
-                                check_base_url, clean_usage, cost_usd, price)
+                                check_base_url, clean_usage, cost_usd, price, retry_wait)
+from trcli.judge.progress import Progress, duration
 from trcli.stages.judge import _combine, candidate_first, match
 
 
@@ -65,7 +65,24 @@ def test_win_rate_and_bootstrap():
     assert lo < 0.65 < hi and 0.3 < lo and hi < 0.95
     assert stats.bootstrap_ci(outcomes, 2000, seed=1) == [lo, hi]  # seeded: identical on rerun
     assert stats.bootstrap_ci([1.0] * 5, 100, seed=0) == [1.0, 1.0]
+    assert stats.bootstrap_ci([0.0], 100, seed=0) == [0.0, 0.0]  # one item
     assert stats.win_rate([]) is None and stats.bootstrap_ci([], 100, 0) is None
+
+
+def test_bootstrap_is_scipy_bca():
+    """The interval is scipy's BCa interval for the same resamples (the rng seeded the same way),
+    computed in batches whatever the number of items."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    rng = np.random.default_rng(0)
+    outcomes = rng.choice([0.0, 0.5, 1.0], p=[0.15, 0.05, 0.8], size=300).tolist()  # skewed: BCa != percentile
+    expected = bootstrap((np.array(outcomes),), np.mean, n_resamples=999, method="BCa",
+                         rng=np.random.default_rng(7)).confidence_interval
+    assert stats.bootstrap_ci(outcomes, 999, seed=7) == pytest.approx([expected.low, expected.high])
+    percentile = bootstrap((np.array(outcomes),), np.mean, n_resamples=999, method="percentile",
+                           rng=np.random.default_rng(7)).confidence_interval
+    assert [expected.low, expected.high] != pytest.approx([percentile.low, percentile.high], abs=1e-9)
 
 
 def test_distinct_and_self_bleu():
@@ -76,10 +93,25 @@ def test_distinct_and_self_bleu():
     assert stats.self_bleu(same) == pytest.approx(1.0)
     apart = ["a b c d e", "f g h i j", "k l m n o"]
     assert stats.self_bleu(apart) < 0.01
-    # BLEU by hand for a hypothesis sharing 3 of 4 unigrams and 1 of 3 bigrams with its reference:
-    # p1 = 3/4, p2..p4 add-one smoothed = 2/4, 1/3, 1/2; equal lengths, no brevity penalty.
-    expected = math.exp((math.log(3 / 4) + math.log(2 / 4) + math.log(1 / 3) + math.log(1 / 2)) / 4)
-    assert stats.bleu("a b c d".split(), ["a b x c".split()]) == pytest.approx(expected)
+    assert stats.self_bleu(["only one", "  "]) is None
+    assert stats.bleu_signature().startswith("case:mixed|eff:yes|tok:13a|smooth:exp|version:")
+
+
+def test_self_bleu_is_sacrebleu_sentence_bleu_against_the_others():
+    """Each text's term is exactly sacrebleu.sentence_bleu(text, all the others): the figure
+    compares with published self-BLEU (the linear-time clipping changes nothing)."""
+    import random
+
+    import sacrebleu
+
+    rng = random.Random(0)
+    vocab = [f"w{i}" for i in range(25)] + ["The", "the", ",", ".", "don't", "(x)"]
+    for _ in range(40):
+        texts = [" ".join(rng.choices(vocab, k=rng.randint(1, 14))) + rng.choice(["", ".", "!"])
+                 for _ in range(rng.randint(2, 7))]
+        expected = sum(sacrebleu.sentence_bleu(t, texts[:i] + texts[i + 1:]).score
+                       for i, t in enumerate(texts)) / len(texts) / 100
+        assert stats.self_bleu(texts) == pytest.approx(expected, abs=1e-12), texts
 
 
 def test_kl_from_scores():
@@ -223,3 +255,56 @@ def test_retry_after():
     assert 25 < _retry_after(later) <= 30
     assert _retry_after("soon") is None and _retry_after("nan") is None and _retry_after("inf") is None
     assert _retry_after("-5") == 0.0
+
+
+def test_retry_wait_prefers_retry_after_ms():
+    import httpx
+
+    assert retry_wait(httpx.Headers({"retry-after-ms": "250", "retry-after": "3"})) == 0.25
+    assert retry_wait(httpx.Headers({"retry-after-ms": "soon", "retry-after": "3"})) == 3.0
+    assert retry_wait(httpx.Headers({"retry-after-ms": "-5"})) == 0.0
+    assert retry_wait(httpx.Headers({})) is None
+
+
+def test_progress_plain_lines_at_a_cadence_then_a_final_line(monkeypatch):
+    """Not a terminal: a line every PLAIN_EVERY seconds with done / total, rate and ETA, and a last
+    line at the end; nothing at all when the work ends before the first line is due."""
+    import io
+
+    from trcli.judge import progress as progress_mod
+
+    monkeypatch.setattr(progress_mod, "PLAIN_EVERY", 0.1)
+    out = io.StringIO()
+    with Progress("trcli judge", 4, stream=out) as p:
+        for _ in range(2):
+            p.advance()
+        time.sleep(0.35)
+        p.advance(2)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3 and lines[0].startswith("trcli judge: 2/4 items (50%), ") and "items/s, ETA " in lines[0]
+    assert lines[-1].startswith("trcli judge: 4/4 items in ") and lines[-1].endswith("items/s")
+    monkeypatch.setattr(progress_mod, "PLAIN_EVERY", 30.0)
+    quiet = io.StringIO()
+    with Progress("trcli judge", 4, stream=quiet) as p:
+        p.advance(4)
+    assert quiet.getvalue() == ""
+    stopped = io.StringIO()
+    monkeypatch.setattr(progress_mod, "PLAIN_EVERY", 0.05)
+    with pytest.raises(RuntimeError):
+        with Progress("trcli judge", 4, stream=stopped) as p:
+            time.sleep(0.12)
+            raise RuntimeError("endpoint gone")
+    assert "in " not in stopped.getvalue().splitlines()[-1]  # no final line after an error
+    assert duration(5) == "5s" and duration(125) == "2m05s" and duration(3725) == "1h02m05s"
+
+
+def test_progress_bar_on_a_terminal():
+    import io
+
+    out = io.StringIO()
+    with Progress("trcli judge", 3, stream=out, tty=True) as p:
+        for _ in range(3):
+            p.advance()
+            time.sleep(0.05)
+    text = out.getvalue()
+    assert "trcli judge" in text and "3/3" in text and "items/s" in text and "ETA" in text

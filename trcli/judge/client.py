@@ -1,9 +1,24 @@
 """A small client for OpenAI-compatible chat-completion endpoints (OpenAI, vLLM, TGI, ...).
 
-Retries 429, 5xx, timeouts, connection errors and malformed answers with exponential backoff,
-honouring Retry-After; every answer goes through the on-disk cache first; a cost budget reserves
-each request's worst case before sending it, so the spend never passes --max-cost-usd.
-Thread-safe: the stage calls it from a bounded thread pool.
+Retries 408, 429, 5xx, timeouts, connection errors and malformed answers with exponential backoff,
+honouring Retry-After (and OpenAI's retry-after-ms); every answer goes through the on-disk cache
+first; a cost budget reserves each request's worst case before sending it, so the spend never
+passes --max-cost-usd. Thread-safe: the stage calls it from a bounded thread pool.
+
+Why httpx and not the ``openai`` SDK: the SDK retries inside one ``create()`` call, where trcli
+cannot keep its guarantees. (1) Budget: every attempt may be billed (a request that timed out on
+our side may still complete on the server), so the worst case is reserved before *each* attempt
+and settled after it; the SDK has no hook around an attempt that fails with an exception, so it
+would have to reserve (max_retries + 1) worst cases per question, refusing items that fit.
+(2) Retry-After: the SDK waits up to 120 s and does not retry at all above that, with no cap of
+its own and only an INFO log line; trcli caps the wait (BACKOFF_MAX) and says the wait it used.
+(3) A 200 whose body is not a chat completion (an HTML page from a proxy, a gzip header on plain
+bytes, content that is a list) is returned by the SDK, not retried; trcli retries it like a 5xx,
+within the same --max-retries count, and never caches it. With the SDK's retries off
+(max_retries=0) all of this stays here and the SDK would only replace the one ``httpx`` call
+below, for six more packages (openai, httpx2, httpcore2, jiter, truststore, sniffio) and a second
+HTTP stack; it also reads OPENAI_ORG_ID / OPENAI_PROJECT_ID from the environment and sends them
+as headers to whatever --base-url names.
 
 The API key is only ever put in the Authorization header. Everything an endpoint sends back is
 scrubbed of it (:class:`Scrubber`) before trcli parses, caches, writes or prints it: OpenAI echoes
@@ -309,9 +324,9 @@ class Client:
                         cost = cost_usd(self.model, usage) if usage else None  # a junk answer may be billed too
                         if problem is None:
                             return raw, attempt
-                    elif resp.status_code == 429 or resp.status_code >= 500:
+                    elif resp.status_code in (408, 429) or resp.status_code >= 500:
                         cost, problem = 0.0, f"HTTP {resp.status_code}"
-                        wait = _retry_after(resp.headers.get("retry-after"))
+                        wait = retry_wait(resp.headers)
                     else:
                         cost = 0.0
                         raise self._fatal(resp)
@@ -334,6 +349,19 @@ class Client:
         cls = UsageError if resp.status_code in (400, 401, 403, 404) else TrcliError
         hint = " (check the API key variable, --api-key-env)" if resp.status_code in (401, 403) else ""
         return cls(f"judge endpoint {self.scrub(self.url)}: HTTP {resp.status_code}{hint}: {detail}")
+
+
+def retry_wait(headers) -> float | None:
+    """Seconds the server asks to wait: ``retry-after-ms`` (OpenAI's, in milliseconds) when it is a
+    number, else ``Retry-After``."""
+    ms = headers.get("retry-after-ms")
+    try:
+        seconds = float(ms) / 1000 if ms is not None else None
+    except ValueError:
+        seconds = None
+    if seconds is not None and math.isfinite(seconds):
+        return max(0.0, seconds)
+    return _retry_after(headers.get("retry-after"))
 
 
 def _retry_after(value: str | None) -> float | None:

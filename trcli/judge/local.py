@@ -28,13 +28,16 @@ class RewardJudge:
         self.device = device
 
     @torch.no_grad()
-    def scores(self, prompts: list[str], completions: list[str]) -> list[float]:
+    def scores(self, prompts: list[str], completions: list[str], advance=None) -> list[float]:
+        """One score per (prompt, completion); ``advance(n)`` is called after each batch of n."""
         out = []
         for start in range(0, len(prompts), BATCH):
             texts = [p + c for p, c in zip(prompts[start:start + BATCH], completions[start:start + BATCH])]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True,
                                  max_length=self.model.config.max_position_embeddings).to(self.device)
             out.extend(self.model(**enc).logits[:, 0].float().tolist())
+            if advance is not None:
+                advance(len(texts))
         return out
 
 

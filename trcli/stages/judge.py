@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from trcli.errors import DataError, GateError, UsageError
 from trcli.judge import prompts, stats
 from trcli.judge.cache import Cache, request_key
 from trcli.judge.client import PRICES, Budget, BudgetExhausted, Client, check_base_url, cost_usd, price
+from trcli.judge.progress import Progress
 from trcli.runs import Run, write_json, write_text
 
 CANDIDATE, BASELINE = "candidate", "baseline"
@@ -198,7 +199,11 @@ def _judge_api(cfg: Config, items: list[Item]) -> tuple[list[dict], Client]:
     pool = ThreadPoolExecutor(max_workers=j.concurrency)
     try:
         futures = [pool.submit(task, item) for item in items]
-        annotations = list(_progress((f.result() for f in futures), len(items)))
+        with Progress("trcli judge", len(items)) as progress:
+            for future in as_completed(futures):
+                future.result()  # the first error stops the run
+                progress.advance()
+        annotations = [f.result() for f in futures]
     finally:  # after an error (a 401, retries run out) the items not yet started are not asked
         pool.shutdown(wait=True, cancel_futures=True)
         client.close()
@@ -214,14 +219,6 @@ def _report_damaged(client: Client, dry_run: bool = False) -> None:
               f"(cut short, or not a chat completion) ignored: {then}", file=sys.stderr)
 
 
-def _progress(results, total: int):
-    tty = sys.stderr.isatty()
-    for done, result in enumerate(results, start=1):
-        if tty:
-            print(f"\rtrcli judge: {done}/{total}", end="" if done < total else "\n", file=sys.stderr)
-        yield result
-
-
 # ---------------------------------------------------------------- local judges
 
 def _judge_rm(cfg: Config, path: str, items: list[Item]) -> list[dict]:
@@ -230,8 +227,9 @@ def _judge_rm(cfg: Config, path: str, items: list[Item]) -> list[dict]:
 
     rm = RewardJudge(path, pick_device(cfg.train.device))
     prompts_ = [i.prompt for i in items]
-    cand = rm.scores(prompts_, [i.candidate["completion"] for i in items])
-    base = rm.scores(prompts_, [i.baseline["completion"] for i in items])
+    with Progress("trcli judge", 2 * len(items), "completions") as progress:
+        cand = rm.scores(prompts_, [i.candidate["completion"] for i in items], progress.advance)
+        base = rm.scores(prompts_, [i.baseline["completion"] for i in items], progress.advance)
     return [{"result": "win" if c > b else "loss" if c < b else "tie", "scores": {CANDIDATE: c, BASELINE: b}}
             for c, b in zip(cand, base)]
 
@@ -242,14 +240,16 @@ def _judge_hf(cfg: Config, path: str, items: list[Item]) -> list[dict]:
 
     lm = LMJudge(path, pick_device(cfg.train.device), cfg.judge.task)
     annotations = []
-    for item in _progress(items, len(items)):
-        judgments = []
-        for cand_first in _orders(cfg, item):
-            gap = lm.logit_gap(_pairwise_text(cfg, item, cand_first))
-            verdict = "A" if gap > 0 else "B" if gap < 0 else "tie"
-            judgments.append({"order": [CANDIDATE, BASELINE] if cand_first else [BASELINE, CANDIDATE],
-                              "verdict": verdict, "winner": _winner(verdict, cand_first), "logp_a_minus_b": gap})
-        annotations.append({"result": _combine(judgments), "judgments": judgments})
+    with Progress("trcli judge", len(items)) as progress:
+        for item in items:
+            judgments = []
+            for cand_first in _orders(cfg, item):
+                gap = lm.logit_gap(_pairwise_text(cfg, item, cand_first))
+                verdict = "A" if gap > 0 else "B" if gap < 0 else "tie"
+                judgments.append({"order": [CANDIDATE, BASELINE] if cand_first else [BASELINE, CANDIDATE],
+                                  "verdict": verdict, "winner": _winner(verdict, cand_first), "logp_a_minus_b": gap})
+            annotations.append({"result": _combine(judgments), "judgments": judgments})
+            progress.advance()
     return annotations
 
 
@@ -290,6 +290,7 @@ def summarize(cfg: Config, items: list[Item], annotations: list[dict], unmatched
         "wins": counts["win"], "losses": counts["loss"], "ties": counts["tie"],
         "unparseable": counts["unparseable"], "unparseable_policy": j.unparseable,
         "n": len(outcomes), "items": len(items), "unmatched": unmatched, "not_judged": counts["not_judged"],
+        "identical": identical(items), "ci_method": "BCa bootstrap (scipy.stats.bootstrap)",
         # Share of items judged in both orders where both orders picked the same response.
         "position_consistency": (sum(len({x["winner"] for x in a["judgments"]}) == 1 for a in both) / len(both)
                                  if j.swap and both else None),
@@ -306,10 +307,27 @@ def summarize(cfg: Config, items: list[Item], annotations: list[dict], unmatched
         result["criteria"] = _criteria(cfg, annotations)
     sides = {CANDIDATE: [i.candidate for i in items], BASELINE: [i.baseline for i in items]}
     result["diversity"] = {side: stats.diversity([r["completion"] for r in recs], j.seed) for side, recs in sides.items()}
+    result["self_bleu_signature"] = f"sacrebleu sentence BLEU / 100, {stats.bleu_signature()}"
     kls = {side: stats.kl(recs) for side, recs in sides.items()}
     if any(kls.values()):
         result["kl"] = kls
     return result
+
+
+def identical(items: list[Item]) -> int:
+    """Items whose candidate and baseline completions are the same text (as the judge is shown them)."""
+    return sum(i.candidate["completion"].strip() == i.baseline["completion"].strip() for i in items)
+
+
+def _warn_identical(items: list[Item]) -> None:
+    """One line when all or most pairs compare a text with itself: the same file twice, or the same
+    model and seed on both sides. Such items can only come out as ties or as the judge's position bias."""
+    same = identical(items)
+    if same * 2 > len(items):
+        which = "every item" if same == len(items) else f"{same} of {len(items)} items"
+        print(f"trcli judge: warning: candidate and baseline completions are identical on {which} "
+              f"(the same generations on both sides?); those items measure only the judge's position bias",
+              file=sys.stderr)
 
 
 def _dry_run(cfg: Config, kind: str, items: list[Item], unmatched: int) -> dict:
@@ -355,6 +373,7 @@ def run(cfg: Config) -> dict:
         raise DataError(f"no candidate record in {j.candidate} matches a baseline record (by id or prompt)")
     if unmatched:
         print(f"trcli judge: warning: {unmatched} candidate record(s) have no baseline and are skipped", file=sys.stderr)
+    _warn_identical(items)
     if j.dry_run:
         return _dry_run(cfg, kind, items, unmatched)
     if not cfg.output:
