@@ -1,8 +1,10 @@
 """Batch encoded sequences and compute completion log-probabilities (tokenizing: trcli.tokens).
 
 log π(y|x) is the sum of the completion tokens' log-probabilities; prompt tokens are excluded.
-Only the logits of completion positions are computed and kept (``logits_to_keep``), and each
-token's log-prob is its gathered logit minus a logsumexp: no full log-softmax is stored.
+Only completion positions reach the output projection (``logits_to_keep``), and their log-probs
+come from the final hidden states ``train.logps_chunk`` positions at a time (:mod:`trcli.logps`):
+a step never holds positions × vocabulary logits, in forward or backward (``logps_chunk: 0``, or a
+model whose logits trcli cannot reproduce from its hidden states, computes them all at once).
 Two batch layouts give the same numbers: :func:`collate` (padded rows, one per sequence) and
 :func:`pack` (shared prompts computed once, little padding), which :func:`make_batch` picks.
 """
@@ -11,7 +13,16 @@ from __future__ import annotations
 
 import torch
 
-from trcli import zero
+from trcli import logps as hidden, zero
+
+# Positions per chunk of the log-prob head (train.logps_chunk; 0 = all logits at once). The stages
+# set it from their config (set_logps_chunk); this default is the config's.
+LOGPS_CHUNK = 256
+
+
+def set_logps_chunk(chunk: int) -> None:
+    global LOGPS_CHUNK
+    LOGPS_CHUNK = int(chunk)
 
 
 def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
@@ -34,18 +45,24 @@ def collate(pairs: list[tuple[list[int], list[int]]], pad_id: int, device) -> di
             "first": first, "tokens": int(attn.sum())}
 
 
-def token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(model, batch: dict, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token completion log-probs (B × T', zero outside completions) and the mask, for a
-    batch from :func:`collate` or :func:`pack`."""
+    batch from :func:`collate` or :func:`pack`; ``chunk`` positions of logits at a time (default
+    :data:`LOGPS_CHUNK`, 0 = all at once)."""
+    chunk = LOGPS_CHUNK if chunk is None else chunk
     if "targets" in batch:
-        return _packed_token_logps(model, batch)
+        return _packed_token_logps(model, batch, chunk)
     ids = batch["input_ids"]
     first = batch["first"]
     keep = ids.shape[1] - first  # logits for positions first .. T-1; the last one is unused
-    logits = model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
-    logits = logits[:, :-1].float()
     targets = ids[:, first + 1:]
     mask = batch["loss_mask"][:, first:]
+    run = lambda: model(input_ids=ids, attention_mask=batch["attention_mask"], logits_to_keep=keep)
+    picked = hidden.hidden_logps(model, run, lambda h: h[:, :-1][mask], targets[mask], chunk)
+    if picked is not None:  # completion positions only, a chunk at a time
+        return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked), mask
+    logits = run().logits
+    logits = logits[:, :-1].float()
     picked = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1)
     logps = (picked - torch.logsumexp(logits, dim=-1)) * mask
     return logps, mask
@@ -201,7 +218,7 @@ def make_batch(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, devi
     return pack(seqs, pad_id, device) if supports_packing(model) else collate(seqs, pad_id, device)
 
 
-def _packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _packed_token_logps(model, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
     inner = zero.unwrap(model)  # a DeepSpeed engine runs the forward; the model says how
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     dtype = inner.get_input_embeddings().weight.dtype
@@ -215,15 +232,18 @@ def _packed_token_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]
 
     masks = _attention_masks(base, batch["allowed"], batch["position_ids"])
     mask = {k: as_mask(v) for k, v in masks.items()} if isinstance(masks, dict) else as_mask(masks)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                   logits_to_keep=batch["keep"]).logits
-    if logits.dim() != 2:
-        raise RuntimeError(f"{type(inner).__name__} ignores boolean logits_to_keep; use collate()")
-    logits = logits.float()
-    normaliser = torch.logsumexp(logits, dim=-1)[batch["logit_row"]]
-    picked = logits[batch["logit_row"], batch["targets"]]
-    logps = torch.zeros(batch["shape"], dtype=logits.dtype, device=logits.device)
-    logps = logps.index_put((batch["seq"], batch["offset"]), picked - normaliser)
-    mask = torch.zeros(batch["shape"], dtype=torch.bool, device=logits.device)
+    run = lambda: model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                        logits_to_keep=batch["keep"])
+    values = hidden.hidden_logps(model, run, lambda h: h[batch["logit_row"]], batch["targets"], chunk)
+    if values is None:
+        logits = run().logits
+        if logits.dim() != 2:
+            raise RuntimeError(f"{type(inner).__name__} ignores boolean logits_to_keep; use collate()")
+        logits = logits.float()
+        normaliser = torch.logsumexp(logits, dim=-1)[batch["logit_row"]]
+        values = logits[batch["logit_row"], batch["targets"]] - normaliser
+    logps = torch.zeros(batch["shape"], dtype=values.dtype, device=values.device)
+    logps = logps.index_put((batch["seq"], batch["offset"]), values)
+    mask = torch.zeros(batch["shape"], dtype=torch.bool, device=values.device)
     mask[batch["seq"], batch["offset"]] = True
     return logps, mask

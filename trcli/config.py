@@ -100,6 +100,9 @@ class TrainConfig(Section):
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
     eval_steps: int = Field(0, ge=0)
     packing: bool = False
+    logps_chunk: int = Field(
+        256, ge=0, description="Log-probs from hidden states this many positions of logits at a time "
+        "(memory ~ chunk x vocabulary, not tokens x vocabulary); 0 = all logits at once.")
     resume: bool = False
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
