@@ -471,6 +471,22 @@ def report(runs: List[Path] = typer.Argument(..., help="Run directories (align /
     _run_tool("report", lambda: report_mod.build(runs, output), as_json, report_mod.render)
 
 
+@app.command(epilog="Example: trcli export runs/tr-dpo -o models/tr-dpo  (then: vllm serve models/tr-dpo)")
+def export(run: Path = typer.Argument(..., help="An sft or align run directory."),
+           output: Path = typer.Option(..., "--output", "-o", help="Directory to write (replaced if an earlier export)."),
+           adapter_only: bool = typer.Option(False, "--adapter-only", help="Copy the PEFT adapter folder instead of merging."),
+           device: str = typer.Option("cpu", help="Device to merge on (cpu, cuda, ...)."),
+           as_json: bool = JsonOpt):
+    """The run's policy merged into its base as a plain transformers folder (or its adapter), with a model card."""
+    from trcli.stages import export as export_mod
+
+    def call():
+        _quiet_libraries()
+        return export_mod.run(str(run), str(output), adapter_only=adapter_only, device=device)
+
+    _run_tool("export", call, as_json, None)
+
+
 def main() -> None:
     try:
         app()
