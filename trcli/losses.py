@@ -65,3 +65,14 @@ def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: tor
     )
     rewards = beta * ratio.detach()
     return losses, rewards[desirable], rewards[~desirable]
+
+
+# The pairwise losses by name, and which losses need no reference pass (torchtune's
+# ``is_reference_free``): none of the paper's do; SimPO or ORPO would, and align then skips the
+# reference forward for them with no branch in its loop.
+PAIRWISE = {"dpo": dpo_loss, "ipo": ipo_loss}
+REFERENCE_FREE: frozenset[str] = frozenset()
+
+
+def is_reference_free(loss: str) -> bool:
+    return loss in REFERENCE_FREE

@@ -212,10 +212,64 @@ def _update_chunk(layers: list, alpha: float) -> tuple[float, float]:
 def update_full_reference(policy: torch.nn.Module, reference: torch.nn.Module, alpha: float) -> float:
     """Full fine-tuning: θ_ref ← α·θ + (1-α)·θ_ref parameter by parameter, in fp32. Shard-local
     under FSDP and ZeRO-3 (reference and policy are sharded alike): nothing is gathered."""
-    for p_ref, p_pol in zip(reference.parameters(), policy.parameters()):
+    for p_ref, p_pol in zip(reference.parameters(), policy.parameters(), strict=True):
         p_ref, p_pol = zero.local(p_ref), zero.local(p_pol)  # ZeRO-3: this rank's slices, partitioned alike
         if alpha == 1.0:
             p_ref.copy_(p_pol)
         else:
             p_ref.copy_((alpha * p_pol.float() + (1 - alpha) * p_ref.float()).to(p_ref.dtype))
     return 0.0
+
+
+class ReferenceUpdater:
+    """The moving reference of a TR run, as one small object (in the spirit of TRL's
+    ``SyncRefModelCallback.on_step_end``): when it moves (:class:`Schedule`), how (LoRA: the
+    ``reference`` adapter of ``model`` mixed exactly; full fine-tuning: the ``frozen`` copy), what
+    the rank truncation discarded since the last logged step, and its checkpoint state.
+
+    ``verify(parameters, what)`` checks the replicas after an update (several processes);
+    ``warn(text)`` reports an update that discarded more than 5% of the mixture's energy.
+    """
+
+    WARN_ABOVE = 0.05
+
+    def __init__(self, schedule: Schedule, model, frozen=None, verify=lambda params, what: None,
+                 warn=lambda text: None):
+        self.schedule, self.model, self.frozen = schedule, model, frozen
+        self.verify, self.warn = verify, warn
+        self.layers = lora_layers(model) if frozen is None else []
+        self.parameters = (list(frozen.named_parameters()) if frozen is not None
+                           else [(n, p) for n, p in model.named_parameters() if f".{REFERENCE}." in n])
+        # The largest share discarded by an update since the last logged step (the last update's
+        # when none happened in between).
+        self.last, self.window = 0.0, None
+
+    @property
+    def moves(self) -> bool:
+        return self.schedule.mode != "none"
+
+    def on_step_end(self, step: int, metrics: dict, logging: bool) -> dict:
+        """After optimizer step ``step``: update the reference if due; the metrics it adds."""
+        if self.schedule.due(step, metrics.get("kl/ref")):
+            if self.frozen is not None:
+                lost = update_full_reference(self.model, self.frozen, self.schedule.alpha)
+            else:
+                lost = update_lora_reference(self.layers, self.schedule.alpha)
+            self.schedule.applied()
+            self.verify(self.parameters, f"the reference after update {self.schedule.updates}")
+            if lost > self.WARN_ABOVE:
+                self.warn(f"step {step}: reference rank truncation discarded {lost:.1%} of the mixture's "
+                          "energy; raise --ref-rank")
+            self.last, self.window = lost, max(lost, self.window or 0.0)
+        out = {"ref_updates": self.schedule.updates,
+               "ref_truncation": self.last if self.window is None else self.window}
+        if logging:
+            self.window = None
+        return out
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict(), "truncation": {"last": self.last, "window": self.window}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.schedule.load_state_dict(state["schedule"])
+        self.last, self.window = state["truncation"]["last"], state["truncation"]["window"]

@@ -81,20 +81,28 @@ def test_reference_copied_from_policy_and_zero_adapters_mix_exactly():
 
 
 def test_nearly_coincident_rows_of_a_fall_back_to_a_float64_gram():
-    # 48 rows of A within 1e-4 of one another: the float32 Gram matrix comes out indefinite beyond
+    # 48 rows of A within ~1e-5 of one another: the float32 Gram matrix comes out indefinite beyond
     # the jitter, so the update redoes it in float64; the result is still the best approximation.
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 4096, generator=g)
-    a = x + 1e-4 * torch.randn(48, 4096, generator=g)
-    b = torch.randn(64, 48, generator=g)
-    gram32 = (a @ a.T).double()
-    shift = 1e-6 * gram32.diagonal().mean() * torch.eye(48, dtype=torch.float64)
-    assert torch.linalg.cholesky_ex(gram32 + shift).info != 0  # the float32 route really fails here
+    # Which spread defeats float32 depends on the matmul kernel (AVX2 and AVX-512 round apart), so
+    # the test takes the first of a few that does on this machine.
+    for spread in (1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 4096, generator=g)
+        a = x + spread * torch.randn(48, 4096, generator=g)
+        b = torch.randn(64, 48, generator=g)
+        gram32 = (a @ a.T).double()
+        shift = 1e-6 * gram32.diagonal().mean() * torch.eye(48, dtype=torch.float64)
+        if torch.linalg.cholesky_ex(gram32 + shift).info != 0:  # the float32 route really fails here
+            break
+    else:
+        pytest.fail("no spread made the float32 Gram matrix indefinite on this machine")
     [(new_b, new_a)], lost, total = mix_low_rank([(b[:, :16], a[:16], 1.0, b[:, 16:], a[16:], 1.0)], alpha=0.6, rank=32)
     dense = (0.6 * b[:, :16] @ a[:16] + 0.4 * b[:, 16:] @ a[16:]).double()
     tail, energy = _best_tail(dense, 32)
-    assert ((new_b @ new_a - dense).norm() ** 2).item() == pytest.approx(tail, rel=1e-2)
-    assert lost / total == pytest.approx(tail / energy, rel=1e-2)
+    # The best rank-32 error, within 1% or float32's floor (1e-8 of the energy) when the tail is below it.
+    floor = 1e-8 * energy
+    assert ((new_b @ new_a - dense).norm() ** 2).item() == pytest.approx(tail, rel=1e-2, abs=floor)
+    assert lost / total == pytest.approx(tail / energy, rel=1e-2, abs=1e-8)
 
 
 def test_schedule_first_update_at_tau_and_every_tau_after():

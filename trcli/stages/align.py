@@ -6,16 +6,19 @@ the loss of one micro-batch, the reference update after each optimizer step, the
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from trcli import distributed, losses, zero
 from trcli.batching import make_batch, token_logps
-from trcli.config import Config
+from trcli.config import AlignConfig, Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
 from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
@@ -23,7 +26,7 @@ from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device
 from trcli.runs import Run, inherit
 from trcli.tokens import stage_encoder
 from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_weights, shuffled_batches
-from trcli.trust_region import POLICY, REFERENCE, Schedule, lora_layers, update_full_reference, update_lora_reference
+from trcli.trust_region import POLICY, REFERENCE, ReferenceUpdater, Schedule
 
 
 def _start_rank(cfg: Config, adapter: str | None) -> int:
@@ -94,112 +97,12 @@ def run(cfg: Config) -> dict:
             zero.partition_frozen(module, parallel.deepspeed)
     pad = tokenizer.pad_token_id
 
-    @torch.no_grad()
-    def reference_logps(batch, which: str = REFERENCE) -> torch.Tensor:
-        if frozen is not None:
-            return token_logps(frozen if which == REFERENCE else initial, batch)[0]
-        with using_adapter(model, which):
-            return token_logps(model, batch)[0]
-
-    def kl_estimate(pol_tok: torch.Tensor, ref_tok: torch.Tensor) -> float:
-        # KL(π‖π_ref) per sequence as the sum over completion tokens of k3 = e^{-d} - 1 + d,
-        # d = log π - log π_ref (Schulman's estimator: >= 0, 0 iff equal). The completions come
-        # from the data, not from π, so this is an off-policy approximation; it drives --update kl.
-        d = (pol_tok - ref_tok).detach()
-        return (torch.expm1(-d) + d).sum(-1).mean().item()
-
-    def pair_step(policy, pairs, share, logging):
-        # One forward over [chosen..., rejected...]; the reference pass first, without a graph.
-        # Packed when the model allows it: each prompt is computed once for chosen and rejected.
-        batch = make_batch(model, [(c.prompt, c.completion) for c, _ in pairs]
-                           + [(r.prompt, r.completion) for _, r in pairs], pad, device)
-        ref_tok = reference_logps(batch)
-        pol_tok, mask = token_logps(policy, batch)
-        pol, ref, length = pol_tok.sum(-1), ref_tok.sum(-1), mask.sum(-1)
-        if align.loss == "ipo" and align.ipo_average:
-            pol, ref = pol / length, ref / length
-        n = len(pairs)
-        fn = losses.dpo_loss if align.loss == "dpo" else losses.ipo_loss
-        per_pair, chosen_r, rejected_r = fn(pol[:n], pol[n:], ref[:n], ref[n:], align.beta)
-        metrics = {
-            "loss": per_pair.mean().item(), "tokens": batch["tokens"],
-            "rewards/chosen": chosen_r.mean().item(), "rewards/rejected": rejected_r.mean().item(),
-            "rewards/margins": (chosen_r - rejected_r).mean().item(),
-            "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
-            "logps/chosen": pol[:n].mean().item(), "logps/rejected": pol[n:].mean().item(),
-        }
-        metrics.update(_kl_metrics(pol_tok, ref_tok, batch, logging))
-        return per_pair.mean(), metrics
-
-    def kto_step(policy, examples, share, logging):
-        # Matched (x_i, y_i) rows, then mismatched (x_i, y_{i-1}) rows for the KL baseline z (the
-        # partner y_{i-1} was chosen in the whole micro-batch: the same pairs however it is sharded).
-        matched = [(e.prompt, e.completion) for e, _, _ in examples]
-        mismatched = [(e.prompt, partner) for e, _, partner in examples]
-        matched_batch, mismatched_batch = make_batch(model, matched, pad, device), make_batch(model, mismatched, pad, device)
-        ref_tok = reference_logps(matched_batch)
-        ref_mismatched = reference_logps(mismatched_batch).sum(-1)
-        pol_tok, _ = token_logps(policy, matched_batch)
-        pol, ref = pol_tok.sum(-1), ref_tok.sum(-1)
-        with torch.no_grad():
-            pol_mismatched = token_logps(model, mismatched_batch)[0].sum(-1)
-        # z over the whole micro-batch: the ranks' sums of log-ratios and counts (a stand-in rank's count zero).
-        mine = torch.stack([(pol_mismatched - ref_mismatched).double().sum(),
-                            torch.tensor(float(len(examples)), dtype=torch.float64, device=device)])
-        total, count = distributed.sum_tensor(mine * float(share > 0))
-        z = losses.kto_kl_baseline(total / count)
-        labels = torch.tensor([label for _, label, _ in examples], device=device)
-        per_example, good_r, bad_r = losses.kto_loss(
-            pol, ref, labels, z, align.beta, align.kto_desirable_weight, align.kto_undesirable_weight)
-        reward = align.beta * (pol - ref).detach()
-        nan = float("nan")
-        metrics = {
-            "loss": per_example.mean().item(), "kl/z": z.item(),
-            "tokens": matched_batch["tokens"] + mismatched_batch["tokens"],
-            "rewards/chosen": good_r.mean().item() if good_r.numel() else nan,
-            "rewards/rejected": bad_r.mean().item() if bad_r.numel() else nan,
-            "rewards/accuracies": ((reward > 0) == labels).float().mean().item(),
-            "logps/chosen": pol[labels].mean().item() if good_r.numel() else nan,
-            "logps/rejected": pol[~labels].mean().item() if bad_r.numel() else nan,
-        }
-        metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-        metrics.update(_kl_metrics(pol_tok, ref_tok, matched_batch, logging))
-        return per_example.mean(), metrics
-
-    def _kl_metrics(pol_tok, ref_tok, batch, logging):
-        # kl/init needs one more reference pass (the starting reference), so it is computed on
-        # logging steps only, and only when the reference can have moved away from the start.
-        out = {"kl/ref": kl_estimate(pol_tok, ref_tok)}
-        if logging:
-            moved = schedule.mode != "none"
-            out["kl/init"] = kl_estimate(pol_tok, reference_logps(batch, INIT)) if moved else out["kl/ref"]
-        return out
-
-    # The Trust Region update, after each optimizer step (τ counts optimizer steps).
-    # ref_truncation is the largest share discarded by an update since the last logged step (the last
-    # update's when none happened in between).
-    truncation = {"last": 0.0, "window": None}
-    layers = lora_layers(model) if frozen is None else []
-    reference_params = (list(frozen.named_parameters()) if frozen is not None
-                        else [(n, p) for n, p in model.named_parameters() if f".{REFERENCE}." in n])
-
-    def after_step(step: int, metrics: dict, logging: bool) -> dict:
-        if schedule.due(step, metrics.get("kl/ref")):
-            if frozen is not None:
-                lost = update_full_reference(model, frozen, schedule.alpha)
-            else:
-                lost = update_lora_reference(layers, schedule.alpha)
-            schedule.applied()
-            distributed.check_replicas(reference_params, f"the reference after update {schedule.updates}")
-            if lost > 0.05:
-                print(f"warning: step {step}: reference rank truncation discarded {lost:.1%} "
-                      "of the mixture's energy; raise --ref-rank", file=sys.stderr)
-            truncation["last"], truncation["window"] = lost, max(lost, truncation["window"] or 0.0)
-        out = {"ref_updates": schedule.updates,
-               "ref_truncation": truncation["last"] if truncation["window"] is None else truncation["window"]}
-        if logging:
-            truncation["window"] = None
-        return out
+    # The loss of one micro-batch (module-level steps below) and the reference update after each
+    # optimizer step (τ counts optimizer steps).
+    ctx = StepContext(align=align, model=model, frozen=frozen, initial=initial, device=device,
+                      batch_of=lambda seqs: make_batch(model, seqs, pad, device), moves=schedule.mode != "none")
+    updater = ReferenceUpdater(schedule, model, frozen, verify=distributed.check_replicas,
+                               warn=lambda text: distributed.is_main() and print(f"warning: {text}", file=sys.stderr))
 
     def with_partners(batch: list) -> list:
         # KTO: each example with the completion of the one before it in the micro-batch (the first with the last's).
@@ -210,15 +113,15 @@ def run(cfg: Config) -> dict:
     else:
         parts = {"policy": (model, None), "reference": (frozen, None)}
     hooks = Hooks(
-        step_fn=kto_step if kto else pair_step,
+        step_fn=functools.partial(kto_step if kto else pair_step, ctx),
         epoch_batches=lambda epoch: [with_partners(b) if kto else b for b in shuffled_batches(
             items, cfg.train.batch_size, cfg.train.seed + epoch, min_size=2 if kto else 1)],
         collective=kto,  # z is summed over the ranks in every micro-batch
         save=lambda d: save_weights(d, parts),
         load=lambda d: load_weights(d, parts),
-        after_step=after_step,
-        extra_state=lambda: {"schedule": schedule.state_dict(), "truncation": dict(truncation)},
-        load_extra_state=lambda s: (schedule.load_state_dict(s["schedule"]), truncation.update(s["truncation"])),
+        after_step=updater.on_step_end,
+        extra_state=updater.state_dict,
+        load_extra_state=updater.load_state_dict,
     )
     final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks, deepspeed=parallel.deepspeed)
 
@@ -235,3 +138,110 @@ def run(cfg: Config) -> dict:
     if not distributed.is_main():
         return None  # rank 0 reports for all
     return {"stage": "align", "method": align.method, "output": str(run_dir.dir), **final}
+
+
+# --- One micro-batch's loss: DPO / IPO on pairs, KTO on labelled examples ------------------------
+
+
+@dataclass
+class StepContext:
+    """What a step needs besides the policy and its micro-batch. The reference is the ``reference``
+    adapter of ``model`` (LoRA: a context, not a second model) or the ``frozen`` copy (full
+    fine-tuning); ``initial`` / the ``init`` adapter is the starting reference, for kl/init."""
+
+    align: AlignConfig
+    model: Any
+    frozen: Any
+    initial: Any
+    device: torch.device
+    batch_of: Callable[[list], dict]  # [(prompt ids, completion ids)] -> a batch (packed when it can be)
+    moves: bool  # the reference can leave its start (a TR run): kl/init needs its own pass
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict, which: str = REFERENCE) -> torch.Tensor:
+        if losses.is_reference_free(self.align.loss):  # log-ratios against a uniform "reference" of 0
+            shape = batch["shape"] if "targets" in batch else batch["loss_mask"][:, batch["first"]:].shape
+            return torch.zeros(shape, device=self.device)
+        if self.frozen is not None:
+            return token_logps(self.frozen if which == REFERENCE else self.initial, batch)[0]
+        with using_adapter(self.model, which):
+            return token_logps(self.model, batch)[0]
+
+
+def kl_estimate(pol_tok: torch.Tensor, ref_tok: torch.Tensor) -> float:
+    """KL(π‖π_ref) per sequence as the sum over completion tokens of k3 = e^{-d} - 1 + d,
+    d = log π - log π_ref (Schulman's estimator: >= 0, 0 iff equal). The completions come from the
+    data, not from π, so this is an off-policy approximation; it drives --update kl."""
+    d = (pol_tok - ref_tok).detach()
+    return (torch.expm1(-d) + d).sum(-1).mean().item()
+
+
+def kl_metrics(ctx: StepContext, pol_tok, ref_tok, batch, logging: bool) -> dict:
+    """kl/ref every step; kl/init (one more reference pass, the starting reference) on logging
+    steps only, and only when the reference can have moved away from the start."""
+    out = {"kl/ref": kl_estimate(pol_tok, ref_tok)}
+    if logging:
+        out["kl/init"] = kl_estimate(pol_tok, ctx.reference_logps(batch, INIT)) if ctx.moves else out["kl/ref"]
+    return out
+
+
+def pair_step(ctx: StepContext, policy, pairs, share, logging):
+    """DPO / IPO on (chosen, rejected) pairs: one forward over [chosen..., rejected...], the
+    reference pass first, without a graph. Packed when the model allows it: each prompt is
+    computed once for chosen and rejected."""
+    align = ctx.align
+    batch = ctx.batch_of([(c.prompt, c.completion) for c, _ in pairs] + [(r.prompt, r.completion) for _, r in pairs])
+    ref_tok = ctx.reference_logps(batch)
+    pol_tok, mask = token_logps(policy, batch)
+    pol, ref, length = pol_tok.sum(-1), ref_tok.sum(-1), mask.sum(-1)
+    if align.loss == "ipo" and align.ipo_average:
+        pol, ref = pol / length, ref / length
+    n = len(pairs)
+    per_pair, chosen_r, rejected_r = losses.PAIRWISE[align.loss](pol[:n], pol[n:], ref[:n], ref[n:], align.beta)
+    metrics = {
+        "loss": per_pair.mean().item(), "tokens": batch["tokens"],
+        "rewards/chosen": chosen_r.mean().item(), "rewards/rejected": rejected_r.mean().item(),
+        "rewards/margins": (chosen_r - rejected_r).mean().item(),
+        "rewards/accuracies": (chosen_r > rejected_r).float().mean().item(),
+        "logps/chosen": pol[:n].mean().item(), "logps/rejected": pol[n:].mean().item(),
+    }
+    metrics.update(kl_metrics(ctx, pol_tok, ref_tok, batch, logging))
+    return per_pair.mean(), metrics
+
+
+def kto_step(ctx: StepContext, policy, examples, share, logging):
+    """KTO on (example, label, partner completion): matched (x_i, y_i) rows, then mismatched
+    (x_i, y_{i-1}) rows for the KL baseline z (the partner was chosen in the whole micro-batch:
+    the same pairs however it is sharded)."""
+    align = ctx.align
+    matched = [(e.prompt, e.completion) for e, _, _ in examples]
+    mismatched = [(e.prompt, partner) for e, _, partner in examples]
+    matched_batch, mismatched_batch = ctx.batch_of(matched), ctx.batch_of(mismatched)
+    ref_tok = ctx.reference_logps(matched_batch)
+    ref_mismatched = ctx.reference_logps(mismatched_batch).sum(-1)
+    pol_tok, _ = token_logps(policy, matched_batch)
+    pol, ref = pol_tok.sum(-1), ref_tok.sum(-1)
+    with torch.no_grad():
+        pol_mismatched = token_logps(ctx.model, mismatched_batch)[0].sum(-1)
+    # z over the whole micro-batch: the ranks' sums of log-ratios and counts (a stand-in rank's count zero).
+    mine = torch.stack([(pol_mismatched - ref_mismatched).double().sum(),
+                        torch.tensor(float(len(examples)), dtype=torch.float64, device=ctx.device)])
+    total, count = distributed.sum_tensor(mine * float(share > 0))
+    z = losses.kto_kl_baseline(total / count)
+    labels = torch.tensor([label for _, label, _ in examples], device=ctx.device)
+    per_example, good_r, bad_r = losses.kto_loss(
+        pol, ref, labels, z, align.beta, align.kto_desirable_weight, align.kto_undesirable_weight)
+    reward = align.beta * (pol - ref).detach()
+    nan = float("nan")
+    metrics = {
+        "loss": per_example.mean().item(), "kl/z": z.item(),
+        "tokens": matched_batch["tokens"] + mismatched_batch["tokens"],
+        "rewards/chosen": good_r.mean().item() if good_r.numel() else nan,
+        "rewards/rejected": bad_r.mean().item() if bad_r.numel() else nan,
+        "rewards/accuracies": ((reward > 0) == labels).float().mean().item(),
+        "logps/chosen": pol[labels].mean().item() if good_r.numel() else nan,
+        "logps/rejected": pol[~labels].mean().item() if bad_r.numel() else nan,
+    }
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    metrics.update(kl_metrics(ctx, pol_tok, ref_tok, matched_batch, logging))
+    return per_example.mean(), metrics
