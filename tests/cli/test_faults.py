@@ -92,6 +92,7 @@ def test_two_runs_started_together_leave_one_runs_directory(tmp_path, sft_run):
     assert [m["step"] for m in metrics(out)] == list(range(1, 13))
 
 
+@pytest.mark.distributed
 def test_under_torchrun_rank_0_locks_and_a_refusal_stops_every_rank(tmp_path, sft_run):
     out = tmp_path / "busy"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
@@ -206,7 +207,7 @@ def test_non_finite_numbers_are_refused_naming_the_key(tmp_path, sft_run, flags,
 @pytest.mark.parametrize("recipe,needle", [
     ("train:\n  batch_size: true\n", "bad value for 'train.batch_size': expected a number, got true"),
     ("train:\n  epochs: .inf\n", "bad value for 'train.epochs': Input should be a finite number"),
-    ("align:\n  beta: .nan\n", "bad value for 'align.beta'"),
+    ("model:\n  lora_alpha: .inf\n", "bad value for 'model.lora_alpha'"),
     ("generate:\n  temperature: false\n", "bad value for 'generate.temperature': expected a number, got false"),
     ("judge:\n  max_cost_usd: .inf\n", "bad value for 'judge.max_cost_usd'"),
 ])
@@ -346,6 +347,7 @@ def test_a_build_lock_no_live_build_holds_is_cleared_and_a_live_one_kept(tmp_pat
     assert zero.clear_stale_build_locks([tmp_path]) == [live]
 
 
+@pytest.mark.deepspeed
 def test_a_deepspeed_run_clears_a_stale_build_lock_before_anything_builds(tmp_path, tiny_model, prep_run):
     pytest.importorskip("deepspeed")
     lock = tmp_path / "ext" / "cpu_adam" / "lock"

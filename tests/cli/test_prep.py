@@ -412,8 +412,7 @@ def _write_as(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.mark.parametrize("name,source", [("pairs.csv", "csv"), ("pairs.json", "json"), ("pairs.parquet", "parquet"),
-                                         ("pairs.jsonl.gz", "jsonl"), ("pairs.CSV", "csv"), ("pairs.txt", "jsonl"),
-                                         ("pairs", "jsonl")])
+                                         ("pairs.CSV", "csv")])
 def test_without_source_the_suffix_names_the_format(tmp_path, name, source):
     rows = [{"prompt": f"p{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(5)]
     if name == "pairs.CSV":
@@ -428,7 +427,11 @@ def test_without_source_the_suffix_names_the_format(tmp_path, name, source):
     assert manifest["config"]["data"]["source"] == source  # the manifest says how the input was read
 
 
-def test_an_explicit_source_wins_over_the_suffix(tmp_path):
+def test_the_default_source_is_auto_jsonl_when_the_suffix_says_nothing_and_an_explicit_one_wins(tmp_path):
+    assert json.loads(ok("config", "show", "--json").stdout)["data"]["source"] == "auto"
+    for name in ("pairs.jsonl.gz", "pairs.txt", "pairs"):
+        write_jsonl(tmp_path / name, [GOOD])
+        assert prep_json("--input", tmp_path / name, "-o", tmp_path / f"out-{name}")["source"] == "jsonl"
     src = _write_as(tmp_path / "pairs.csv", [GOOD])
     result = run_cli("prep", "--source", "jsonl", "--input", src, "-o", tmp_path / "out")
     assert result.exit_code == 2 and f"{src}:1: malformed JSON" in result.stderr
