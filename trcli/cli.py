@@ -106,7 +106,7 @@ def _guarded(name: str, call: Callable[[], Any]) -> Any:
 
     try:
         with _sigterm_raises():
-            return call()
+            result = call()
     except typer.Exit:
         raise
     except (KeyboardInterrupt, _Terminated) as exc:
@@ -120,6 +120,8 @@ def _guarded(name: str, call: Callable[[], Any]) -> Any:
             raise
         print(f"trcli {name}: error: {_one_line(exc, active)}", file=sys.stderr)
         raise typer.Exit(exc.exit_code if isinstance(exc, TrcliError) else 1) from None
+    runs.abandon(None)  # a lock that a finished command still holds (none, normally)
+    return result
 
 
 def _one_line(exc: Exception, active: list[Path]) -> str:
