@@ -11,6 +11,8 @@ Two batch layouts give the same numbers: :func:`collate` (padded rows, one per s
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from trcli import logps as hidden, zero
@@ -80,15 +82,15 @@ def token_logps(model, batch: dict, chunk: int | None = None) -> tuple[torch.Ten
 
 
 def supports_packing(model) -> bool:
-    """Packing needs position_ids, a custom 4D attention mask (sdpa or eager attention), boolean
-    ``logits_to_keep`` (transformers' ``slice_logits_to_keep``) and, for a model that mixes full and
-    sliding-window layers, a forward that takes one mask per layer type; otherwise use collate."""
+    """Packing needs position_ids, a custom 4D attention mask (sdpa, eager or flex attention),
+    boolean ``logits_to_keep`` (transformers' ``slice_logits_to_keep``) and, for a model that mixes
+    full and sliding-window layers, a forward that takes one mask per layer type; otherwise use collate."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     params = inspect.signature(base.forward).parameters
     impl = getattr(base.config, "_attn_implementation", None)
-    ok = impl in ("sdpa", "eager") and "position_ids" in params and "logits_to_keep" in params
+    ok = impl in ("sdpa", "eager", FLEX) and "position_ids" in params and "logits_to_keep" in params
     return ok and (_window(base) is None or _layer_types(base) is None or _takes_mask_per_layer_type(base))
 
 
@@ -207,6 +209,7 @@ def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
     logit_row = (keep.cumsum(0) - 1)[where]
     longest = max(len(c) for _, c in seqs)
     return {"input_ids": ids.to(device), "position_ids": pos.to(device), "allowed": allowed.to(device),
+            "group": grp.to(device), "segment": seg.to(device),
             "keep": keep.view(len(rows), width).to(device), "logit_row": logit_row.to(device),
             "targets": torch.tensor(token).to(device), "seq": torch.tensor(seq).to(device),
             "offset": torch.tensor(offset).to(device), "shape": (len(seqs), longest),
@@ -219,19 +222,38 @@ def make_batch(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, devi
 
 
 def _packed_token_logps(model, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    base = _transformers_model(model)
+    impl = _packed_attention(base, batch["input_ids"].device)
+    if impl != FLEX or getattr(base, _FLEX_STATE, None) is not False:
+        return _packed_logps_on(model, batch, chunk, impl)
+    try:  # the first forward on FlexAttention that trcli chose: sdpa if it fails
+        out = _packed_logps_on(model, batch, chunk, impl)
+        object.__setattr__(base, _FLEX_STATE, True)
+        return out
+    except Exception as exc:  # e.g. no compiler for the kernel
+        base.set_attn_implementation("sdpa")
+        object.__setattr__(base, _FLEX_STATE, "failed")
+        print(f"warning: FlexAttention failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+              "packed rows use sdpa with a dense mask", file=sys.stderr)
+        return _packed_logps_on(model, batch, chunk, "sdpa")
+
+
+def _packed_logps_on(model, batch: dict, chunk: int, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
     inner = zero.unwrap(model)  # a DeepSpeed engine runs the forward; the model says how
-    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    base = _transformers_model(model)
     dtype = inner.get_input_embeddings().weight.dtype
-    eager = inner.config._attn_implementation != "sdpa"
 
     def as_mask(allowed):  # sdpa takes booleans; eager attention adds the mask to the scores
-        if not eager:
+        if impl == "sdpa":
             return allowed[:, None]
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 
-    masks = _attention_masks(base, batch["allowed"], batch["position_ids"])
-    mask = {k: as_mask(v) for k, v in masks.items()} if isinstance(masks, dict) else as_mask(masks)
+    if impl == FLEX:
+        mask = block_masks(base, batch)
+    else:
+        masks = _attention_masks(base, batch["allowed"], batch["position_ids"])
+        mask = {k: as_mask(v) for k, v in masks.items()} if isinstance(masks, dict) else as_mask(masks)
     run = lambda: model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
                         logits_to_keep=batch["keep"])
     values = hidden.hidden_logps(model, run, lambda h: h[batch["logit_row"]], batch["targets"], chunk)
@@ -247,3 +269,109 @@ def _packed_token_logps(model, batch: dict, chunk: int) -> tuple[torch.Tensor, t
     mask = torch.zeros(batch["shape"], dtype=torch.bool, device=values.device)
     mask[batch["seq"], batch["offset"]] = True
     return logps, mask
+
+
+# --- Attention for packed rows: FlexAttention where it runs, sdpa with a dense mask elsewhere ------
+#
+# The structure of a packed row is the same on every path: a token sees keys of its own group
+# (same prompt), causally, of the prompt or of its own completion, and within the window on
+# sliding-window layers. sdpa and eager attention take it as a dense boolean mask (rows × T × T,
+# `pack`'s "allowed"): every score is computed and masked. FlexAttention takes it as a BlockMask
+# built from the rows' group / segment / position ids (`mask_mod` below): 128 × 128 blocks that no
+# token of the block may see (another group in the row, the other completion, beyond the window)
+# are skipped, and transformers compiles the kernel. It is used on CUDA when torch has
+# flex_attention and transformers implements it for the model; packed rows switch the model to it
+# on first use (and back to sdpa, with a warning, if that first forward fails). On CPU torch 2.13's
+# flex_attention has no backward (NotImplementedError for inputs that require grad), so training
+# steps run sdpa there; a model loaded with attn_implementation="flex_attention" still gets
+# BlockMasks (its forward, e.g. a reference pass, is exact on CPU: tests/unit/test_flex.py).
+
+FLEX = "flex_attention"
+USE_FLEX = True  # packed rows may switch a model to FlexAttention where it runs (CUDA)
+# On the transformers model: False while the flex forward trcli switched it to has not run yet,
+# True once it has, "failed" if it failed (then sdpa for good).
+_FLEX_STATE = "_trcli_flex"
+
+
+def _transformers_model(model):
+    inner = zero.unwrap(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+
+
+def _has_flex() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def flex_unavailable(model_class, device, dropout: float = 0.0) -> str | None:
+    """Why packed rows of ``model_class`` cannot run on FlexAttention on ``device`` (None: they can)."""
+    device = torch.device(device)
+    if not _has_flex():
+        return f"torch {torch.__version__} has no flex_attention"
+    if not getattr(model_class, "_supports_flex_attn", False):
+        return f"transformers has no flex_attention for {getattr(model_class, '__name__', model_class)}"
+    if device.type != "cuda":
+        return f"torch {torch.__version__.split('+')[0]}'s flex_attention has no backward on {device.type}"
+    if dropout:
+        return "flex_attention has no attention dropout"
+    return None
+
+
+def _packed_attention(base, device) -> str:
+    """The attention implementation packed rows of this model run on (switching it to flex if due)."""
+    impl = base.config._attn_implementation
+    if impl == "sdpa" and USE_FLEX and getattr(base, _FLEX_STATE, None) is None:
+        dropout = getattr(_text_config(base), "attention_dropout", 0.0) if base.training else 0.0
+        if flex_unavailable(type(base), device, dropout) is None:
+            base.set_attn_implementation(FLEX)
+            impl = base.config._attn_implementation
+            object.__setattr__(base, _FLEX_STATE, False)
+    return impl
+
+
+def block_masks(model, batch: dict):
+    """BlockMask(s) for a packed batch: one, or one per layer type (as :func:`_attention_masks`)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    grp, seg, pos = batch["group"], batch["segment"], batch["position_ids"]
+    rows, width = grp.shape
+
+    def allowed(b, h, q, kv):
+        return (grp[b, q] == grp[b, kv]) & (q >= kv) & ((seg[b, kv] == 0) | (seg[b, q] == seg[b, kv]))
+
+    window = _window(model)
+
+    def windowed(b, h, q, kv):
+        return allowed(b, h, q, kv) & (pos[b, q] - pos[b, kv] < window)
+
+    make = lambda fn: create_block_mask(fn, rows, None, width, width, device=grp.device)
+    if window is None:
+        return make(allowed)
+    if _layer_types(model) is None:
+        return make(windowed)
+    return {"full_attention": make(allowed), "sliding_attention": make(windowed)}
+
+
+def attention_path(model_config, device, packed: bool = True) -> str:
+    """One line: the attention path a run takes (for dry runs and logs), from the model's config."""
+    if not packed:
+        return "attention: padded rows, the model's own attention (pass --packing to share prompts)"
+    cls = None
+    try:
+        import transformers
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        arch = (getattr(model_config, "architectures", None) or [None])[0] or \
+            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(model_config, "model_type", None))
+        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    except ImportError:
+        pass
+    device = torch.device(device)
+    why = flex_unavailable(cls, device, 0.0) if cls is not None else "the model's class is unknown"
+    if why is None and USE_FLEX:
+        return ("attention: packed rows on FlexAttention, a BlockMask of shared prompt / own completion"
+                f"{' / sliding window' if getattr(model_config, 'sliding_window', None) else ''} blocks")
+    return f"attention: packed rows on sdpa with a dense block mask ({why})"
