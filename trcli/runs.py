@@ -234,8 +234,11 @@ class RunLock:
             return
         self.info["stage"] = stage
         text = json.dumps(self.info).encode()
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, text, 0)
+        try:  # who holds it is for the refusal message; the lock itself is the flock
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, text, 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self.fd is None:
