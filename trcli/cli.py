@@ -485,9 +485,15 @@ def toy(config: Optional[Path] = ConfigOpt,
 def report(runs: List[Path] = typer.Argument(..., help="Run directories (align / sft / judge / toy)."),
            output: Path = typer.Option(..., "--output", "-o", help="Directory for the PNGs and report.html."),
            as_json: bool = JsonOpt):
-    """Plot runs: training curves, win rate vs KL from SFT; PNGs plus one self-contained HTML page."""
+    """Plot runs: training curves, win rate vs KL from SFT; PNGs plus one self-contained HTML page.
+    A sweep directory: the quality-vs-KL frontier, α × τ heatmaps and the ranked cells."""
     from trcli import report as report_mod
 
+    if len(runs) == 1 and (runs[0] / "sweep.json").is_file():
+        from trcli import sweep_report
+
+        _run_tool("report", lambda: sweep_report.build(runs[0], output), as_json, sweep_report.render)
+        return
     _run_tool("report", lambda: report_mod.build(runs, output), as_json, report_mod.render)
 
 

@@ -78,6 +78,10 @@ def test_sweep_runs_every_cell_judges_it_and_resumes_where_it_stopped(tmp_path, 
         assert len((cell / "generations.jsonl").read_text().splitlines()) == 3
         assert 0.0 <= row["win_rate"] <= 1.0 and row["kl_from"] is not None and row["loss"] is not None
     assert (out / "baseline.jsonl").is_file() and json.loads((out / "sweep.json").read_text())["cells"] == 2
+    # The sweep's report: the frontier (a point per judged cell) and the page.
+    report = json.loads(ok("report", out, "-o", tmp_path / "report", "--json").stdout)
+    assert report["cells"] == 2 and (tmp_path / "report" / "frontier.png").stat().st_size > 0
+    assert "method-tr-dpo_tau-1" in (tmp_path / "report" / "report.html").read_text()
     # Finished cells are skipped: a rerun trains nothing and writes nothing new.
     before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/align/policy/*")}
     again = json.loads(ok("sweep", "-c", path, "-o", out, "--json").stdout)
@@ -100,3 +104,22 @@ def test_a_bad_study_is_one_line_exit_2(tmp_path, sft_run):
     path.write_text(yaml.safe_dump({"from": str(sft_run), "grid": {}, "typo": 1}))
     result = run_cli("sweep", "-c", path, "-o", tmp_path / "s")
     assert result.exit_code == 2 and "typo" in result.stderr
+
+
+def test_sweep_report_draws_alpha_tau_heatmaps(tmp_path):
+    """The heatmap from a sweep's own files (sweep.json and judge summaries as trcli writes them)."""
+    from trcli.sweep_report import build
+
+    rows = []
+    for alpha in (0.3, 0.7):
+        for tau in (1, 8):
+            cell = f"method-tr-dpo_alpha-{alpha}_tau-{tau}"
+            rows.append({"cell": cell, "method": "tr-dpo", "alpha": alpha, "tau": tau, "beta": 0.1, "status": "completed"})
+            summary = tmp_path / "s" / "cells" / cell / "judge" / "summary.json"
+            summary.parent.mkdir(parents=True)
+            summary.write_text(json.dumps({"win_rate": alpha, "ci95": [alpha - 0.1, alpha + 0.1],
+                                           "kl": {"candidate": {"mean": tau / 10}}}))
+    rows.append({"cell": "method-dpo", "method": "dpo", "beta": 0.1, "status": "completed"})
+    (tmp_path / "s" / "sweep.json").write_text(json.dumps({"rows": rows}))
+    result = build(tmp_path / "s", tmp_path / "r")
+    assert {Path(f).name for f in result["figures"]} == {"frontier.png", "heatmap-tr-dpo.png", "report.html"}
