@@ -263,15 +263,17 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    def body(self, messages: list[dict]) -> dict:
-        """The exact request: also the cache key."""
-        return {"model": self.model, "messages": messages, **self.sampling}
+    def body(self, messages: list[dict], **extra) -> dict:
+        """The exact request: also the cache key. ``extra`` adds or overrides request fields (a
+        protocol's own max_tokens, logprobs)."""
+        return {"model": self.model, "messages": messages, **self.sampling, **extra}
 
-    def worst_case(self, data: bytes) -> float:
+    def worst_case(self, data: bytes, max_tokens: int | None = None) -> float:
         """Cost bound of one request: every byte of the UTF-8 request body counted as a prompt token
         (a BPE token is at least one byte, and the JSON around the messages outweighs the chat
-        template's few tokens per message), plus max_tokens of answer."""
-        return cost_usd(self.model, {"prompt_tokens": len(data), "completion_tokens": self.sampling["max_tokens"]}) or 0.0
+        template's few tokens per message), plus max_tokens of answer (the request's own)."""
+        answer = self.sampling["max_tokens"] if max_tokens is None else max_tokens
+        return cost_usd(self.model, {"prompt_tokens": len(data), "completion_tokens": answer}) or 0.0
 
     def cached(self, body: dict) -> Reply | None:
         """The stored answer to this exact request; a damaged entry counts as none."""
@@ -280,8 +282,8 @@ class Client:
             return None
         return Reply(self.scrub(answer_text(raw)), clean_usage(raw.get("usage")), True, 0, raw)
 
-    def complete(self, messages: list[dict]) -> Reply:
-        body = self.body(messages)
+    def complete(self, messages: list[dict], **extra) -> Reply:
+        body = self.body(messages, **extra)
         reply = self.cached(body)
         if reply is not None:
             return reply
@@ -292,7 +294,7 @@ class Client:
 
     def _post(self, body: dict) -> tuple[dict, int]:
         data = json.dumps(body, ensure_ascii=False).encode()
-        worst = self.worst_case(data)
+        worst = self.worst_case(data, body.get("max_tokens"))
         for attempt in range(self.max_retries + 1):
             held = self.budget.reserve(worst)  # waits for requests in flight, or BudgetExhausted
             cost = None  # unknown: counted at the reservation
