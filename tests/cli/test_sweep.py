@@ -78,6 +78,7 @@ def test_sweep_runs_every_cell_judges_it_and_resumes_where_it_stopped(tmp_path, 
         assert len((cell / "generations.jsonl").read_text().splitlines()) == 3
         assert 0.0 <= row["win_rate"] <= 1.0 and row["kl_from"] is not None and row["loss"] is not None
     assert (out / "baseline.jsonl").is_file() and json.loads((out / "sweep.json").read_text())["cells"] == 2
+    assert (out / "report" / "frontier.png").is_file()  # the figure from the same command
     # The sweep's report: the frontier (a point per judged cell) and the page.
     report = json.loads(ok("report", out, "-o", tmp_path / "report", "--json").stdout)
     assert report["cells"] == 2 and (tmp_path / "report" / "frontier.png").stat().st_size > 0
@@ -85,7 +86,7 @@ def test_sweep_runs_every_cell_judges_it_and_resumes_where_it_stopped(tmp_path, 
     # Finished cells are skipped: a rerun trains nothing and writes nothing new.
     before = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/align/policy/*")}
     again = json.loads(ok("sweep", "-c", path, "-o", out, "--json").stdout)
-    assert again["rows"] == result["rows"]
+    assert again["rows"] == result["rows"] and again["completed"] == 2
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/align/policy/*")} == before
 
 

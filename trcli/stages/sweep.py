@@ -210,6 +210,10 @@ def run(study_path: str, output: str, dry_run: bool = False, max_parallel: int =
     result = {"sweep": str(root), "cells": len(rows), "completed": sum(r["status"] == "completed" for r in rows),
               "rows": rows}
     write_json(root / "sweep.json", result)
+    if study.judge is not None:  # the figure in the same command: DIR/report/ (frontier, heatmaps, table)
+        from trcli import sweep_report
+
+        result["report"] = sweep_report.build(root, root / "report")["figures"]
     failed = [r["cell"] for r in rows if r["status"] != "completed"]
     if failed:
         raise TrcliError(f"{len(failed)} of {len(rows)} cells failed ({', '.join(failed[:5])}); "
