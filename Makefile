@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast bench clean
 
 $(BIN)/trcli: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest tests
+
+# The fast tier while you work (about a minute or two): no real model, no second process, no DeepSpeed.
+test-fast: install
+	$(BIN)/python -m pytest tests -m "not slow and not distributed and not deepspeed"
 
 bench: install
 	$(BIN)/pip install -q -e ".[bench]"

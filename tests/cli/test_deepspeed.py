@@ -11,6 +11,8 @@ import torch
 
 from conftest import metrics, ok, run_cli
 from test_distributed import (ALIGN, adapter, deltas, full, sharded_full_fine_tuning_matches_one_process,
+
+pytestmark = pytest.mark.deepspeed
                               sft_matches_one_process, torchrun)
 
 

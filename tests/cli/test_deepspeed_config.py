@@ -13,6 +13,8 @@ from trcli.config import load
 from trcli.errors import UsageError
 from trcli.memory import estimate
 
+pytestmark = pytest.mark.deepspeed
+
 
 def test_a_stage_a_json_file_or_accelerates_launch(tmp_path, monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 
 from conftest import metrics, ok
 
+pytestmark = pytest.mark.distributed
+
 RECIPES = Path(__file__).parents[2] / "recipes" / "accelerate"
 ALIGN = ["align", "--method", "tr-dpo", "--update", "soft", "--alpha", "0.6", "--max-steps", "3",
          "--batch-size", "4", "--lr", "5e-3", "--logging-steps", "1", "--seed", "3", "--device", "cpu"]

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+pytestmark = pytest.mark.distributed
 
 
 def _worker(rank: int, init: str, out: str) -> None:
