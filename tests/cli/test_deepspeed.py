@@ -11,9 +11,9 @@ import torch
 
 from conftest import metrics, ok, run_cli
 from test_distributed import (ALIGN, adapter, deltas, full, sharded_full_fine_tuning_matches_one_process,
+                              sft_matches_one_process, torchrun)
 
 pytestmark = pytest.mark.deepspeed
-                              sft_matches_one_process, torchrun)
 
 
 def same_run(one, two, rel=1e-4):
