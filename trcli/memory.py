@@ -1,8 +1,22 @@
 """Memory plan for `sft --dry-run` / `align --dry-run`: estimated peak memory per device.
 
-It reads the model's shape only (config.json of a local model, or a built-in table of the paper's
-models so that hub ids work offline), never the weights. The estimate counts what this code
-keeps alive at the peak of a training step, which is the start of the policy's backward pass:
+It reads the model's shape only, never the weights: the model is built from its config on the
+meta device (``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``: modules and
+parameter shapes, no storage) and everything is read from that module tree, so any causal LM
+transformers can build plans the same way. The config comes from a local model's config.json,
+from the local Hugging Face cache for a hub id, or from a built-in table of the paper's models
+so that their hub ids work offline. Read from the tree:
+
+- parameters: every parameter once (tied input / output embeddings are one parameter);
+- what LoRA adapts: every nn.Linear (and transformers' Conv1D) except the output head, as peft's
+  ``all-linear`` does, or the modules named in ``model.lora_targets`` (peft's suffix match);
+  that set is also what 4-bit quantisation replaces;
+- vocabulary and hidden size (the output head's shape), the decoder layers (the ModuleList of
+  blocks), and per block: a gated MLP or not, its norms; intermediate size, heads and head size
+  from the (text) config.
+
+The estimate counts what this code keeps alive at the peak of a training step, which is the
+start of the policy's backward pass:
 
 - weights: full precision, or 4-bit NF4 with double quantisation for the layers' linear
   weights (0.5 byte + an 8-bit absmax per 64 weights + an fp32 absmax per 256 blocks), the rest
@@ -13,10 +27,17 @@ keeps alive at the peak of a training step, which is the start of the policy's b
 - activations: counted with torch's saved-tensor hooks, the policy pass keeps about 16
   hidden-size vectors per token per GPT-NeoX layer (17 for full fine-tuning) and 22.5 (26) per
   Llama layer (gated MLP; measured at Llama-3-8B's ratios, intermediate 3.5x hidden and 8 of 32
-  KV heads), the padding mask of scaled-dot-product attention (T per token per layer), and the completion logits in fp32; at the start of backward the logits
-  are alive four times (saved; the softmax of the logsumexp backward; the gather backward's
-  scatter; the gradient padded back to the full logits by the slice backward).
+  KV heads). Other shapes scale that count (:meth:`Shape.saved_per_layer`): the MLP keeps 2
+  intermediate-size vectors (4 when gated), attention 4 vectors of the query width (q, k and v
+  expanded to all heads, the output), and every norm beyond a block's two hidden-size ones its
+  input (again its output for full fine-tuning, unless it is a native LayerNorm). Plus the
+  padding mask of scaled-dot-product attention (T per token per layer), and the completion
+  logits in fp32; at the start of backward the logits are alive four times (saved; the softmax
+  of the logsumexp backward; the gather backward's scatter; the gradient padded back to the
+  full logits by the slice backward).
   Gradient checkpointing keeps one hidden vector per layer plus one layer recomputed.
+- a CUDA context row when planning for a GPU (not for ``--device cpu``, nor for ``auto`` on a
+  machine without CUDA unless ``--device-memory`` names the device to plan for).
 
 benchmarks/memory_peak.py checks the total against the measured peak RSS of a training step
 on CPU (docs/scale.md holds the table).
@@ -24,9 +45,11 @@ on CPU (docs/scale.md holds the table).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,109 +59,259 @@ from trcli.errors import UsageError
 GIB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)  # 4-bit code + 8-bit absmax per 64 + fp32 absmax per 256 blocks
-# Hidden-size vectors kept per token per layer by the policy pass (see the docstring).
-SAVED_PER_LAYER = {("gpt_neox", "lora"): 16, ("gpt_neox", "full"): 17, ("llama", "lora"): 22.5, ("llama", "full"): 26}
+# Hidden-size vectors kept per token per layer by the policy pass, measured with saved-tensor hooks on
+# GPT-NeoX (plain MLP, intermediate 4x hidden) and Llama (gated MLP, 3.5x) layers, split into a part per
+# hidden size and one per intermediate size (see Shape.saved_per_layer): 8 + 2·4 = 16 (full: 17) for
+# GPT-NeoX, 8.5 + 4·3.5 = 22.5 (full: 26) for Llama.
+SAVED_PER_HIDDEN = {("plain", "lora"): 8, ("plain", "full"): 9, ("gated", "lora"): 8.5, ("gated", "full"): 12}
+SAVED_PER_INTERMEDIATE = {"plain": 2, "gated": 4}
 LOGIT_COPIES = 4
 CUDA_OVERHEAD = GIB  # CUDA context, cuBLAS workspace: not in the allocator's count but on the device
 HEADROOM = 0.9       # "fits" leaves 10% of the device for allocator fragmentation
 
 
-@dataclass
+@dataclass(frozen=True)
+class Adaptable:
+    """A module LoRA can adapt, as the module tree has it."""
+
+    name: str     # qualified name, as peft matches targets against it
+    fan_in: int
+    fan_out: int
+    kind: str     # "linear": adapted by all-linear and quantised by 4-bit; "head": the output layer; "embedding"
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A normalisation layer of one decoder block."""
+
+    width: int    # the vectors it normalises, per token (per-head norms: all heads)
+    hidden: bool  # over the hidden size (a block's usual two) rather than per head
+    keeps_output: bool  # saves its normalised input for its weight's gradient (not torch's native LayerNorm)
+
+
+@dataclass(frozen=True)
 class Shape:
-    """What the estimate needs of a decoder-only transformer."""
+    """What the estimate needs of a causal LM, read from its module tree built on the meta device."""
 
     name: str
     source: str
-    arch: str           # gpt_neox (Pythia) or llama (gated MLP, grouped KV heads)
+    arch: str           # the config's model_type
     hidden: int
     layers: int
     heads: int
+    kv_heads: int
+    head_dim: int
     intermediate: int
     vocab: int
-    kv_heads: int | None = None
-    tied: bool = False
+    tied: bool          # input and output embeddings are one parameter
+    gated: bool         # gated MLP (Llama's gate_proj / up_proj) rather than GPT-NeoX's plain one
+    total: int          # parameters, each once
+    block: int          # parameters of one decoder layer
+    modules: tuple[Adaptable, ...]
+    norms: tuple[Norm, ...]  # of one decoder layer
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """The linear layers of one block, name -> (in, out), as peft's target names."""
-        h, i = self.hidden, self.intermediate
-        if self.arch == "gpt_neox":
-            return {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h)}
-        kv = h // self.heads * (self.kv_heads or self.heads)
-        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+    def linears(self) -> list[Adaptable]:
+        """What all-linear adapts and 4-bit quantises: every linear layer but the output head."""
+        return [m for m in self.modules if m.kind == "linear"]
 
     def linear_weights(self) -> int:
-        return self.layers * sum(a * b for a, b in self.linears().values())
+        return sum(m.fan_in * m.fan_out for m in self.linears())
+
+    def largest_linear(self) -> int:
+        return max((m.fan_in * m.fan_out for m in self.linears()), default=0)
 
     def other_params(self) -> int:
-        """Embeddings, output head, norms and (GPT-NeoX) biases: what 4-bit leaves unquantised."""
-        h = self.hidden
-        embeddings = self.vocab * h * (1 if self.tied else 2)
-        if self.arch == "gpt_neox":
-            per_layer = sum(out for _, out in self.linears().values()) + 4 * h  # biases, two LayerNorms
-            return embeddings + self.layers * per_layer + 2 * h
-        return embeddings + self.layers * 2 * h + h  # RMSNorm weights
+        """Embeddings, output head, norms and biases: what 4-bit leaves unquantised."""
+        return self.total - self.linear_weights()
 
     def params(self) -> int:
-        return self.linear_weights() + self.other_params()
+        return self.total
 
     def lora_params(self, rank: int, targets: list[str]) -> int:
-        chosen = self.linears() if targets == ["all-linear"] else {
-            name: dims for name, dims in self.linears().items() if name in targets}
-        return self.layers * rank * sum(a + b for a, b in chosen.values())
+        """r·(in + out) per adapted module: all-linear, or peft's match of names (exact or a dotted suffix)."""
+        if targets == ["all-linear"]:
+            chosen = self.linears()
+        else:
+            chosen = [m for m in self.modules if any(m.name == t or m.name.endswith("." + t) for t in targets)]
+        return rank * sum(m.fan_in + m.fan_out for m in chosen)
+
+    def saved_per_layer(self, lora: bool) -> float:
+        """Hidden-size vectors the policy pass keeps per token per layer for backward (see the module docstring)."""
+        mlp, mode = "gated" if self.gated else "plain", "lora" if lora else "full"
+        h = self.hidden
+        count = SAVED_PER_HIDDEN[mlp, mode] * h + SAVED_PER_INTERMEDIATE[mlp] * self.intermediate
+        count += 4 * (self.heads * self.head_dim - h)  # q, k, v (expanded to all heads) and the output
+        extra = list(self.norms)
+        for norm in [n for n in self.norms if n.hidden][:2]:  # the two a block has in the measured models
+            extra.remove(norm)
+        count += sum(n.width * (2 if n.keeps_output and not lora else 1) for n in extra)
+        return count / h
 
 
-def _pythia(name: str, hidden: int, layers: int, heads: int, vocab: int) -> Shape:
-    return Shape(name, "built-in table", "gpt_neox", hidden, layers, heads, 4 * hidden, vocab)
+def _linear_dims(module) -> tuple[int, int] | None:
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):  # GPT-2's: weight is (in, out)
+        return tuple(module.weight.shape)
+    return None
 
 
-# Shapes from the models' config.json on the hub (Pythia: EleutherAI/pythia-*; Llama-3-8B: meta-llama).
-BUILTIN = {
-    "pythia-14m": _pythia("pythia-14m", 128, 6, 4, 50304),
-    "pythia-70m": _pythia("pythia-70m", 512, 6, 8, 50304),
-    "pythia-160m": _pythia("pythia-160m", 768, 12, 12, 50304),
-    "pythia-410m": _pythia("pythia-410m", 1024, 24, 16, 50304),
-    "pythia-1.4b": _pythia("pythia-1.4b", 2048, 24, 16, 50304),
-    "pythia-2.8b": _pythia("pythia-2.8b", 2560, 32, 32, 50304),
-    "pythia-6.9b": _pythia("pythia-6.9b", 4096, 32, 32, 50432),
-    "pythia-12b": _pythia("pythia-12b", 5120, 36, 40, 50688),
-    "llama-3-8b": Shape("llama-3-8b", "built-in table", "llama", 4096, 32, 32, 14336, 128256, kv_heads=8),
+def _int(config, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def read_shape(config, name: str, source: str, trust_remote_code: bool = False) -> Shape:
+    """Build the model of ``config`` on the meta device (no weights) and read its shape from the module tree."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    kind = getattr(config, "model_type", None) or type(config).__name__
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(copy.deepcopy(config), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # ValueError: no causal LM for this config class; anything from a model's __init__
+        first = (str(exc).splitlines() or [""])[0][:200]
+        raise UsageError(f"{source}: cannot build a causal LM of model_type '{kind}' from its config "
+                         f"({exc.__class__.__name__}: {first})") from None
+    head = model.get_output_embeddings()
+    embeddings = model.get_input_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise UsageError(f"{source}: model_type '{kind}' has no output head to read the vocabulary from")
+    vocab, hidden = head.weight.shape[:2]
+
+    modules = []
+    for qualified, module in model.named_modules():
+        dims = _linear_dims(module)
+        if module is head:
+            modules.append(Adaptable(qualified, dims[0] if dims else hidden, dims[1] if dims else vocab, "head"))
+        elif dims:
+            modules.append(Adaptable(qualified, *dims, "linear"))
+        elif isinstance(module, torch.nn.Embedding):
+            modules.append(Adaptable(qualified, module.num_embeddings, module.embedding_dim, "embedding"))
+
+    # The decoder layers: the ModuleList of blocks, the text config's length if several (multimodal models).
+    text = config.get_text_config()
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and any(True for _ in m.parameters())]
+    if not lists:
+        raise UsageError(f"{source}: model_type '{kind}' has no list of decoder layers in its module tree")
+    want = _int(text, "num_hidden_layers")
+    size = lambda m: sum(p.numel() for p in m.parameters())
+    blocks = max(lists, key=lambda m: (len(m) == want, size(m)))
+    first = blocks[0]
+
+    heads = _int(text, "num_attention_heads") or 1
+    head_dim = _int(text, "head_dim") or hidden // heads
+    kv_heads = _int(text, "num_key_value_heads") or heads
+    block_linears = [(n, d) for n, m in first.named_modules() if (d := _linear_dims(m))]
+    intermediate = _int(text, "intermediate_size", "n_inner", "ffn_dim") or max(
+        (d[0] for _, d in block_linears if d[1] == hidden), default=4 * hidden)
+    parent = lambda n: n.rpartition(".")[0]
+    ups = [n for n, (i, o) in block_linears if i == hidden and o == intermediate]
+    gated = (any(i == hidden and o == 2 * intermediate for _, (i, o) in block_linears)
+             or len(ups) != len({parent(n) for n in ups}))  # gate and up projection side by side
+    norms = []
+    for qualified, module in first.named_modules():
+        if "norm" not in type(module).__name__.lower() or any(True for _ in module.children()):
+            continue
+        weight = getattr(module, "weight", None)
+        width = weight.numel() if isinstance(weight, torch.Tensor) else hidden
+        over_hidden = width == hidden
+        if not over_hidden:  # per head (Gemma 3's, Qwen 3's q_norm / k_norm): the query's or the key's heads
+            key = qualified.rpartition(".")[2].lower().startswith("k")
+            width = (kv_heads if key else heads) * head_dim
+        norms.append(Norm(width, over_hidden,
+                          isinstance(weight, torch.Tensor) and not isinstance(module, torch.nn.LayerNorm)))
+    return Shape(
+        name=name, source=source, arch=kind, hidden=hidden, layers=len(blocks), heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, intermediate=intermediate, vocab=vocab,
+        tied=embeddings is not None and getattr(embeddings, "weight", None) is head.weight, gated=gated,
+        total=sum(p.numel() for p in model.parameters()),  # each Parameter once: tied ones are one
+        block=size(blocks) // len(blocks), modules=tuple(modules), norms=tuple(norms))
+
+
+def _pythia(hidden: int, layers: int, heads: int, vocab: int) -> dict:
+    return dict(model_type="gpt_neox", hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                intermediate_size=4 * hidden, vocab_size=vocab, rotary_pct=0.25, tie_word_embeddings=False)
+
+
+# The paper's models, from their config.json on the hub (EleutherAI/pythia-*; meta-llama/Meta-Llama-3-8B).
+BUILTIN_CONFIGS = {
+    "pythia-14m": _pythia(128, 6, 4, 50304),
+    "pythia-70m": _pythia(512, 6, 8, 50304),
+    "pythia-160m": _pythia(768, 12, 12, 50304),
+    "pythia-410m": _pythia(1024, 24, 16, 50304),
+    "pythia-1.4b": _pythia(2048, 24, 16, 50304),
+    "pythia-2.8b": _pythia(2560, 32, 32, 50304),
+    "pythia-6.9b": _pythia(4096, 32, 32, 50432),
+    "pythia-12b": _pythia(5120, 36, 40, 50688),
+    "llama-3-8b": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
 }
 
 
-def model_shape(name: str | None) -> Shape:
-    """The shape of a local model (its config.json) or of a known hub id (the built-in table)."""
+class _Builtin(Mapping):
+    """name -> Shape of the built-in table, each read from its meta model on first use."""
+
+    def __init__(self):
+        self._shapes: dict[str, Shape] = {}
+
+    def __getitem__(self, name: str) -> Shape:
+        if name not in self._shapes:
+            from transformers import AutoConfig
+
+            spec = dict(BUILTIN_CONFIGS[name])
+            config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+            self._shapes[name] = read_shape(config, name, "built-in table")
+        return self._shapes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(BUILTIN_CONFIGS)
+
+    def __len__(self) -> int:
+        return len(BUILTIN_CONFIGS)
+
+
+BUILTIN = _Builtin()
+
+
+def model_shape(name: str | None, trust_remote_code: bool = False) -> Shape:
+    """The shape of a local model (its config.json), of a hub id in the local cache or in the built-in table."""
+    from transformers import AutoConfig
+
     if not name:
         raise UsageError("--dry-run needs a model: --model (hub id or local path) or --from a run")
     if Path(name).exists():
         file = Path(name) / "config.json"
         if not file.is_file():
             raise UsageError(f"{name}: no config.json to read the model's shape from")
-        return _from_config(json.loads(file.read_text()), name, str(file))
+        try:
+            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # an unknown model_type, custom code not trusted, a broken file
+            first = (str(exc).splitlines() or [""])[0][:200]
+            raise UsageError(f"{file}: cannot read the config ({exc.__class__.__name__}: {first})") from None
+        return read_shape(config, name, str(file), trust_remote_code)
     key = name.lower().rsplit("/", 1)[-1].removesuffix("-deduped")
     if re.fullmatch(r"(meta-)?llama-3(\.\d)?-8b(-instruct)?", key):
-        return BUILTIN["llama-3-8b"]
+        key = "llama-3-8b"
     if key in BUILTIN:
         return BUILTIN[key]
+    try:  # a hub id already downloaded: its config.json from the local cache, no network
+        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception:
+        config = None
+    if config is not None:
+        return read_shape(config, name, f"{name} (local Hugging Face cache)", trust_remote_code)
     known = ", ".join(BUILTIN)
-    raise UsageError(f"--dry-run: '{name}' is not a local path and not in the built-in table ({known}); "
-                     "pass a local copy of the model (only its config.json is read)")
-
-
-def _from_config(cfg: dict, name: str, source: str) -> Shape:
-    kind = cfg.get("model_type")
-    try:
-        common = dict(hidden=cfg["hidden_size"], layers=cfg["num_hidden_layers"], heads=cfg["num_attention_heads"],
-                      intermediate=cfg["intermediate_size"], vocab=cfg["vocab_size"],
-                      tied=bool(cfg.get("tie_word_embeddings", False)))
-    except KeyError as exc:
-        raise UsageError(f"{source}: no '{exc.args[0]}': cannot estimate memory for model_type {kind}") from None
-    if kind == "gpt_neox":
-        return Shape(name, source, "gpt_neox", **common)
-    if kind in ("llama", "mistral", "qwen2"):
-        return Shape(name, source, "llama", kv_heads=cfg.get("num_key_value_heads"), **common)
-    raise UsageError(f"{source}: the memory plan knows GPT-NeoX (Pythia) and Llama-shaped models, "
-                     f"not model_type '{kind}'")
+    raise UsageError(f"--dry-run: '{name}' is not a local path, not in the local Hugging Face cache and not in "
+                     f"the built-in table ({known}); pass a local copy of the model (only its config.json is read)")
 
 
 def parse_size(text: str) -> int:
@@ -166,7 +339,7 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
     from trcli import zero
     from trcli.trust_region import Schedule
 
-    shape = model_shape(cfg.model.name_or_path)
+    shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
     m, t, align = cfg.model, cfg.train, cfg.align
     if m.quantize == "4bit" and not m.lora:
         raise UsageError("model.quantize=4bit needs LoRA (QLoRA); drop --no-lora")
@@ -186,8 +359,8 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
         rows.append(("weights (4-bit NF4)", quantised + shape.other_params() * 4,
                      f"{shape.linear_weights() / 1e9:.2f}B linear weights at {NF4_BYTES:.3f} B/param incl. "
                      f"double-quant; {shape.other_params() / 1e9:.2f}B embeddings/norms in fp32"))
-        biggest = max(a * b for a, b in shape.linears().values())
-        rows.append(("dequantised layer (transient)", biggest * dtype, "largest linear weight, dequantised per matmul"))
+        rows.append(("dequantised layer (transient)", shape.largest_linear() * dtype,
+                     "largest linear weight, dequantised per matmul"))
     else:
         rows.append((f"weights ({m.dtype})", shape.params() * dtype, f"{shape.params() / 1e9:.2f}B parameters"))
 
@@ -225,8 +398,8 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
         # Every full-size row above is sharded over the processes; a pass gathers one transformer
         # block at a time (and prefetches the next).
         rows = [split(row, sharding) for row in rows]
-        block = (shape.params() - shape.other_params()) // max(1, shape.layers)
-        rows.append((f"gathered blocks ({sharding}, transient)", 2 * block * 4, "one block and the prefetched next, fp32"))
+        rows.append((f"gathered blocks ({sharding}, transient)", 2 * shape.block * 4,
+                     "one block and the prefetched next, fp32"))
     if zero_stage:  # DeepSpeed's offload moves optimizer states (and, at ZeRO-3, weights) to host memory
         offload = {kind: deepspeed["zero_optimization"].get(f"offload_{kind}", {}).get("device", "none") != "none"
                    for kind in ("optimizer", "param")}
@@ -238,7 +411,7 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
 
     # Activations of the policy pass, with and without gradient checkpointing.
     tokens = seqs * length
-    per_layer = int(SAVED_PER_LAYER[shape.arch, "lora" if m.lora else "full"] * shape.hidden * dtype) + length * dtype
+    per_layer = int(shape.saved_per_layer(m.lora) * shape.hidden * dtype) + length * dtype
     logits = LOGIT_COPIES * shape.vocab * 4
     full_act = tokens * (shape.layers * per_layer + logits)
     ckpt_act = tokens * (shape.layers * shape.hidden * dtype + per_layer + logits)
@@ -246,7 +419,8 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
     chosen = ckpt_act if m.gradient_checkpointing else full_act
     rows.append((f"activations ({'with' if m.gradient_checkpointing else 'no'} checkpointing)", chosen, shape_note))
     other = full_act if m.gradient_checkpointing else ckpt_act
-    if t.device != "cpu":
+    device = _planned_device(t)
+    if device == "cuda":
         rows.append(("CUDA context and workspace", CUDA_OVERHEAD, "approximate"))
     total = sum(b for _, b, _ in rows)
 
@@ -257,7 +431,8 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
             "model": shape.name, "shape_from": shape.source, "params": shape.params(),
             "method": align.method if stage == "align" else "sft",
             "mode": "qlora" if m.quantize == "4bit" else ("lora" if m.lora else "full"),
-            "dtype": m.dtype, "world_size": world_size, "sequences_per_device": seqs, "max_length": length,
+            "dtype": m.dtype, "device": device, "world_size": world_size, "sequences_per_device": seqs,
+            "max_length": length,
             "rows": [{"item": i, "bytes": b, "note": n} for i, b, n in rows],
             "gradient_checkpointing": m.gradient_checkpointing,
             "activations": {"checkpointing": ckpt_act, "no_checkpointing": full_act},
@@ -267,6 +442,16 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
             "fits": None if device_bytes is None else total <= HEADROOM * device_bytes,
         },
     }
+
+
+def _planned_device(train) -> str:
+    """The device the plan is for, "cpu" or "cuda". ``auto`` is what the run would pick (CUDA if this machine has
+    it), unless --device-memory names a device to plan for: then a GPU, as on the recipes' "80GB"."""
+    if train.device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() or train.device_memory else "cpu"
+    return "cpu" if train.device == "cpu" else "cuda"
 
 
 def _local_device_memory(device: str) -> int | None:
