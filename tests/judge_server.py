@@ -7,6 +7,15 @@ of RATE (429 + Retry-After: 0), FAIL (500) and SLOW (reply after the client time
 
 ``state["fault"]`` (one of FAULTS) makes it misbehave on every request, or only on the first
 ``state["fault_times"]`` attempts of each request body; ``state["delay"]`` seconds pace every answer.
+
+AlpacaEval-style questions (``--protocol alpacaeval``) are answered with one identifier, "m" or
+"M", and, when the request asks for ``logprobs``, the identifiers' log-probabilities among the top
+5 (with other tokens beside them): P(GOOD's identifier) = 0.9; BIAS items P("m") = 0.8 whatever is
+shown. ``state["alpaca"]`` (one of ALPACA_MODES) changes that. Arena-Hard-style questions
+(``--protocol arena``) get an answer of the judge's own, then a verdict: the response containing
+GOOD is slightly better ([[A>B]] / [[B>A]]), one containing GREAT significantly ([[A>>B]]), neither
+or both a tie; BIAS items always [[A>B]]; JUNK items a malformed verdict (``state["arena_junk"]``,
+one of ARENA_JUNK), FIXME items a malformed one and then, re-asked, a valid one.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from trcli.judge.cache import request_key
-from trcli.judge.prompts import CRITERIA
+from trcli.judge.prompts import ALPACAEVAL_SYSTEM, CRITERIA
 
 KEY = "sk-test-SECRETkey0123456789"
 USAGE = {"prompt_tokens": 100, "completion_tokens": 10}
@@ -55,13 +64,77 @@ JUNK = {  # fault -> (body bytes, extra headers) of a 200 answer
 }
 
 
+ALPACA_MODES = {
+    "logprobs": "the default: the identifier's log-probabilities when asked for",
+    "longer": "prefers the longer output: logit P(longer) = state['length_k'] * tanh(len difference / "
+              "state['length_scale']), in characters (the length-controlled GLM's own form)",
+    "no_logprobs": "never sends logprobs (an endpoint that ignores the parameter): only the sampled identifier",
+    "bad_logprobs": "sends logprobs whose values are not numbers",
+}
+ARENA_JUNK = {  # the malformed verdicts of JUNK items
+    "no_label": "Assistant A is significantly better.",
+    "conflict": "At first sight [[A>B]], but on reflection [[B>A]].",
+    "invalid": "My final verdict is: [[A>>>B]]",
+}
+
+
 def key_echoes(auth: str) -> list[str]:
     """What a leaky proxy might echo: the header, its base64, the key with another separator."""
     return [auth, base64.b64encode(auth.encode()).decode(), KEY.replace("-", "_"), KEY.upper()[3:]]
 
 
+def first_question(messages: list[dict]) -> str:
+    return next(m["content"] for m in messages if m["role"] == "user")
+
+
+def alpaca_answer(messages: list[dict], state: dict, body: dict) -> tuple[str, dict | None]:
+    """The sampled identifier and, when asked for and given, choices[0].logprobs."""
+    question = first_question(messages)
+    reasked = len(messages) > 2
+    outputs = dict(re.findall(r'"model_identifier": "(m|M)",\n {8}"output": """(.*?)"""', question, re.S))
+    mode = state.get("alpaca", "logprobs")
+    if "JUNK" in question or ("FIXME" in question and not reasked):
+        p_m = None
+    elif "BIAS" in question:
+        p_m = 0.8
+    elif mode == "longer":
+        diff = len(outputs["m"]) - len(outputs["M"])
+        p_m = 1 / (1 + math.exp(-state.get("length_k", 3.0) * math.tanh(diff / state["length_scale"])))
+    else:
+        p_m = 0.9 if "GOOD" in outputs["m"] else 0.1 if "GOOD" in outputs["M"] else 0.5
+    token = "The" if p_m is None else "m" if p_m >= 0.5 else "M"
+    if not body.get("logprobs") or mode == "no_logprobs":
+        return token, None
+    top = [("The", 0.015), ("**", 0.005)]
+    if p_m is not None:
+        top += [(t, 0.98 * p) for t, p in (("m", p_m), ("M", 1 - p_m)) if p > 0]
+    top = sorted(top, key=lambda tp: -tp[1])[:body.get("top_logprobs", 0) or 1]
+    entries = [{"token": t, "logprob": "n/a" if mode == "bad_logprobs" else math.log(p), "bytes": list(t.encode())}
+               for t, p in top]
+    return token, {"content": [{**entries[0], "top_logprobs": entries}]}
+
+
+def arena_answer(messages: list[dict], state: dict) -> str:
+    question = first_question(messages)
+    reasked = len(messages) > 2
+    a, b = re.search(r"Assistant A's Answer\|>\n(.*?)\n<\|The End.*Assistant B's Answer\|>\n(.*?)\n<\|The End",
+                     question, re.S).groups()
+    own = "My own answer: it depends.\n\n"
+    if "JUNK" in question or ("FIXME" in question and not reasked):
+        return own + ARENA_JUNK[state.get("arena_junk", "no_label")]
+    if "BIAS" in question:
+        label = "A>B"
+    else:
+        def rank(text):
+            return 2 if "GREAT" in text else 1 if "GOOD" in text else 0
+        ra, rb = rank(a), rank(b)
+        best = max(ra, rb)
+        label = "A=B" if ra == rb else (("A>>B" if best == 2 else "A>B") if ra > rb else ("B>>A" if best == 2 else "B>A"))
+    return own + f"Both are fine, one is better.\n\nMy final verdict is: [[{label}]]"
+
+
 def verdict(messages: list[dict]) -> str:
-    question = messages[0]["content"]
+    question = first_question(messages)
     if question.startswith("Rate the response"):  # --protocol hc: 8 for GOOD responses, else 5
         if "JUNK" in question and len(messages) == 1:
             return "A fine answer overall."
@@ -92,7 +165,7 @@ class Judge(BaseHTTPRequestHandler):
             state["auth"].add(self.headers.get("Authorization"))
             attempt = state["attempts"][key] = state["attempts"].get(key, 0) + 1
         fault = state.get("fault") if attempt <= state.get("fault_times", math.inf) else None
-        first_question = body["messages"][0]["content"]
+        question = first_question(body["messages"])
         if state.get("status"):
             return self._send(state["status"], {"error": {
                 "message": f"Incorrect API key provided: {KEY[:8]}****{KEY[-4:]}", "key": KEY}})
@@ -102,15 +175,23 @@ class Judge(BaseHTTPRequestHandler):
             return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": state["retry_after"]})
         if fault in JUNK:
             return self._send_bytes(200, *JUNK[fault])
-        if attempt == 1 and "RATE" in first_question:
+        if attempt == 1 and "RATE" in question:
             return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0"})
-        if attempt == 1 and "FAIL" in first_question:
+        if attempt == 1 and "FAIL" in question:
             return self._send(500, {"error": {"message": "oops"}})
-        if (attempt == 1 and "SLOW" in first_question) or fault == "slow":
+        if (attempt == 1 and "SLOW" in question) or fault == "slow":
             time.sleep(TIMEOUT * 3)
         time.sleep(state.get("delay", 0))  # pacing, so that requests overlap as against a real endpoint
-        content = verdict(body["messages"])
+        logprobs = None
+        if body["messages"][0]["content"] == ALPACAEVAL_SYSTEM:
+            content, logprobs = alpaca_answer(body["messages"], state, body)
+        elif question.startswith("<|User Prompt|>"):
+            content = arena_answer(body["messages"], state)
+        else:
+            content = verdict(body["messages"])
         payload = {"choices": [{"message": {"role": "assistant", "content": content}}], "usage": dict(USAGE)}
+        if logprobs is not None:
+            payload["choices"][0]["logprobs"] = logprobs
         if fault == "no_usage":
             del payload["usage"]
         elif fault == "inflated_usage":

@@ -360,15 +360,19 @@ def generate(
     }, as_json)
 
 
-@app.command(epilog="Example: trcli judge --candidate gens/tr-dpo.jsonl --baseline gens/dpo.jsonl --judge gpt-4 --task hh -o judged/")
+@app.command(epilog="Example: trcli judge --candidate gens/tr-dpo.jsonl --baseline gens/dpo.jsonl --judge gpt-4 --task hh -o judged/"
+                    "  (several runs, one leaderboard: trcli judge --combine judged/a judged/b -o board/)")
 def judge(
+    runs: Optional[List[str]] = typer.Argument(None, help="With --combine: judge run directories sharing a baseline."),
+    combine: bool = typer.Option(False, "--combine", help="One Bradley-Terry leaderboard over the judge runs given."),
     candidate: Optional[str] = typer.Option(None, help="Candidate generations (JSONL)."),
     baseline: Optional[str] = typer.Option(None, help="Baseline generations (JSONL)."),
     judge: Optional[str] = typer.Option(None, "--judge", help="gpt-4 (any model on --base-url), rm:PATH or hf:PATH."),
     base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint."),
     api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key."),
     task: Optional[str] = typer.Option(None, help="hh | tldr | generic."),
-    protocol: Optional[str] = typer.Option(None, help="pairwise | hc (1-10 ratings per criterion)."),
+    protocol: Optional[str] = typer.Option(None, help="pairwise | hc (1-10 ratings per criterion) | alpacaeval "
+                                                      "(AlpacaEval 2 style) | arena (Arena-Hard-Auto style)."),
     swap: Optional[bool] = typer.Option(None, "--swap/--no-swap", help="Judge both orders."),
     unparseable: Optional[str] = typer.Option(None, help="exclude | tie | loss."),
     concurrency: Optional[int] = typer.Option(None), timeout: Optional[float] = typer.Option(None),
@@ -378,11 +382,15 @@ def judge(
     min_win_rate: Optional[float] = typer.Option(None, help="Exit 3 if the win rate is below this."),
     cache_dir: Optional[str] = typer.Option(None), seed: Optional[int] = typer.Option(None),
     temperature: Optional[float] = typer.Option(None, help="Judge sampling temperature (default 0)."),
-    max_tokens: Optional[int] = typer.Option(None, help="Max tokens of a judge answer."),
+    max_tokens: Optional[int] = typer.Option(None, help="Max tokens of a judge answer (default 256; arena 4096)."),
     bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for the 95% CI."),
     config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
 ):
     """Win rate of candidate over baseline by an LLM judge or a reward model."""
+    if runs and not combine:
+        raise typer.BadParameter("run directories are taken only with --combine", param_hint="RUNS")
+    if combine and not runs:
+        raise typer.BadParameter("--combine needs judge run directories", param_hint="RUNS")
     _execute("judge", config, {
         "judge.candidate": candidate, "judge.baseline": baseline, "judge.judge": judge,
         "judge.base_url": base_url, "judge.api_key_env": api_key_env, "judge.task": task,
@@ -390,7 +398,8 @@ def judge(
         "judge.concurrency": concurrency, "judge.timeout": timeout, "judge.max_retries": max_retries,
         "judge.max_cost_usd": max_cost_usd, "judge.dry_run": dry_run, "judge.min_win_rate": min_win_rate,
         "judge.cache_dir": cache_dir, "judge.seed": seed, "judge.temperature": temperature,
-        "judge.max_tokens": max_tokens, "judge.bootstrap": bootstrap, "output": output,
+        "judge.max_tokens": max_tokens, "judge.bootstrap": bootstrap, "judge.combine": runs or None,
+        "output": output,
     }, as_json)
 
 

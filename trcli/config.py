@@ -182,20 +182,23 @@ class JudgeConfig(Section):
     base_url: str = "https://api.openai.com/v1"
     api_key_env: str = "OPENAI_API_KEY"
     task: Literal["hh", "tldr", "generic"] = "generic"
-    protocol: Literal["pairwise", "hc"] = "pairwise"
+    protocol: Literal["pairwise", "hc", "alpacaeval", "arena"] = "pairwise"
     swap: bool = False
     unparseable: Literal["exclude", "tie", "loss"] = "exclude"
     concurrency: int = Field(4, ge=1)
     timeout: float = Field(60.0, gt=0)
     max_retries: int = Field(5, ge=0)
     temperature: float = Field(0.0, ge=0)
-    max_tokens: int = Field(256, ge=1)
+    max_tokens: int | None = Field(None, ge=1, description="Default: 256; 4096 for --protocol arena; "
+                                                            "--protocol alpacaeval always asks for 1.")
     max_cost_usd: float | None = Field(None, ge=0)
     dry_run: bool = False
     min_win_rate: float | None = Field(None, ge=0, le=1)
     cache_dir: str | None = Field(None, description="Default: ~/.cache/trcli/judge.")
     seed: int = 42
     bootstrap: int = Field(1000, ge=0)
+    combine: list[str] = Field(default_factory=list, description="Judge run directories sharing a baseline: "
+                                                                  "one Bradley-Terry leaderboard (judge --combine).")
 
 
 class Config(Section):
