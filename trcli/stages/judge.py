@@ -634,7 +634,9 @@ def render(result: dict):
         return leaderboard.render(result)
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)  # noqa: E731
     interval = lambda ci: f"(95% CI {fmt(ci[0]) if ci else '-'} - {fmt(ci[1]) if ci else '-'})"  # noqa: E731
-    main = Table(title=f"{result['judge']} · {result['task']} · {result['protocol']}", show_header=False)
+    what = [result["judge"], result["task"], result["protocol"]] if result["protocol"] == "pairwise" else \
+        [result["judge"], result["protocol"]]  # --task picks the pairwise prompt only
+    main = Table(title=" · ".join(what), show_header=False)
     main.add_row("win rate", f"{fmt(result['win_rate'])}  {interval(result['ci95'])}")
     if result["protocol"] == "alpacaeval":
         main.add_row("length-controlled win rate", f"{fmt(result['lc_win_rate'])}  {interval(result['lc_ci95'])}")
