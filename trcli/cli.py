@@ -14,12 +14,15 @@ import typer
 from rich.console import Console
 
 from trcli import config as config_mod
+from trcli import verbosity
 from trcli.errors import TrcliError
 
 app = typer.Typer(
     name="trcli",
     help="Trust Region preference optimization (TR-DPO / TR-IPO / TR-KTO) with LoRA and QLoRA.\n\n"
-         "Stages: prep -> sft -> align -> generate -> judge. Results go to stdout, logs to stderr.",
+         "Stages: prep -> sft -> align -> generate -> judge. Results go to stdout, logs to stderr: "
+         "trcli's warnings and progress by default, errors only with -q, third-party logs too with -v "
+         "(or TRCLI_DEBUG=1, which also shows tracebacks). -q / -v come before the command: trcli -q sft ...",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -37,24 +40,27 @@ FromOpt = typer.Option(None, "--from", help="A previous stage's run directory.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 
 
-def _quiet_libraries() -> None:
-    """Library progress bars and advisory warnings stay off stderr unless TRCLI_DEBUG is set;
-    our own progress shows when stderr is a terminal."""
-    if os.environ.get("TRCLI_DEBUG"):
-        return
-    import logging
-    import warnings
+@app.callback()
+def _verbosity(
+    ctx: typer.Context,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also third-party logs and warnings "
+                                                                  "(transformers, DeepSpeed, the hub ...)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Errors only: no warnings, no progress."),
+) -> None:
+    """How much goes to stderr, for the whole command (trcli.verbosity)."""
+    if verbose and quiet:
+        raise typer.BadParameter("-q and -v exclude each other", param_hint="-q / -v")
+    ctx.call_on_close(verbosity.apply(verbose, quiet))
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    import datasets
-    import transformers
 
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+def _dry_run_plan(stage: str, cfg: config_mod.Config) -> dict:
+    """sft / align --dry-run: the memory plan from the model's config.json, without importing the
+    stage (datasets, peft, the data pipeline) that the plan does not need. As the stages do it."""
+    from trcli import memory
+    from trcli.runs import inherit
+
+    inherit(cfg)
+    return memory.plan_or_none(cfg, stage)
 
 
 def _execute(stage: str, recipe: Optional[Path], flags: dict[str, Any], as_json: bool) -> Any:
@@ -63,7 +69,12 @@ def _execute(stage: str, recipe: Optional[Path], flags: dict[str, Any], as_json:
 
     def call() -> Any:
         cfg = config_mod.load(recipe, flags)
-        _quiet_libraries()
+        if stage in ("sft", "align") and cfg.train.dry_run:
+            from trcli import memory
+
+            result = _dry_run_plan(stage, cfg)
+            _print(result, as_json, memory.render)
+            return result
         module = importlib.import_module(f"trcli.stages.{stage}")
         result = module.run(cfg)
         _print(result, as_json, getattr(module, "render", None))
@@ -112,13 +123,13 @@ def _guarded(name: str, call: Callable[[], Any]) -> Any:
     except (KeyboardInterrupt, _Terminated) as exc:
         runs.abandon("interrupted")
         signal_name = "SIGTERM" if isinstance(exc, _Terminated) else "SIGINT"
-        print(f"trcli {name}: interrupted ({signal_name})", file=sys.stderr)
+        print(f"trcli {name}: interrupted ({signal_name})", file=verbosity.errors())
         raise typer.Exit(143 if isinstance(exc, _Terminated) else 130) from None
     except Exception as exc:
         active = runs.abandon("failed")
         if os.environ.get("TRCLI_DEBUG"):
             raise
-        print(f"trcli {name}: error: {_one_line(exc, active)}", file=sys.stderr)
+        print(f"trcli {name}: error: {_one_line(exc, active)}", file=verbosity.errors())
         raise typer.Exit(exc.exit_code if isinstance(exc, TrcliError) else 1) from None
     runs.abandon(None)  # a lock that a finished command still holds (none, normally)
     return result
@@ -451,7 +462,7 @@ def pretrained(
             raise UsageError(f"unknown model '{name}' (known: smollm2)")
         print(smollm2(output))
     except TrcliError as err:
-        print(f"trcli pretrained: error: {err}", file=sys.stderr)
+        print(f"trcli pretrained: error: {err}", file=verbosity.errors())
         raise typer.Exit(err.exit_code) from None
 
 
@@ -463,7 +474,7 @@ def config_show(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt):
     try:
         cfg = config_mod.load(config)
     except TrcliError as err:
-        print(f"trcli config: error: {err}", file=sys.stderr)
+        print(f"trcli config: error: {err}", file=verbosity.errors())
         raise typer.Exit(err.exit_code) from None
     data = config_mod.dump(cfg)
     sys.stdout.write(json.dumps(data, indent=2) + "\n" if as_json else yaml.safe_dump(data, sort_keys=False))
@@ -516,7 +527,6 @@ def export(run: Path = typer.Argument(..., help="An sft or align run directory."
     from trcli.stages import export as export_mod
 
     def call():
-        _quiet_libraries()
         return export_mod.run(str(run), str(output), adapter_only=adapter_only, device=device)
 
     _run_tool("export", call, as_json, None)
@@ -526,7 +536,7 @@ def main() -> None:
     try:
         app()
     except TrcliError as err:  # raised outside a stage (should not happen, but stay one line)
-        print(f"trcli: error: {err}", file=sys.stderr)
+        print(f"trcli: error: {err}", file=verbosity.errors())
         sys.exit(err.exit_code)
 
 

@@ -228,7 +228,7 @@ def _env_layers(environ: dict[str, str]) -> list[tuple[str, dict]]:
     one layer per variable so that an error names the variable."""
     layers = []
     for name in sorted(environ):
-        if not name.startswith(ENV_PREFIX) or name in ("TRCLI_DEBUG", "TRCLI_CACHE"):
+        if not name.startswith(ENV_PREFIX) or name in ("TRCLI_DEBUG", "TRCLI_CACHE", "TRCLI_VERBOSITY"):
             continue
         raw = environ[name]
         dotted = name[len(ENV_PREFIX):].lower().replace("__", ".")

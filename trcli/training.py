@@ -8,9 +8,9 @@ A checkpoint ``checkpoint-N/`` holds the stage's weights (written by ``save``) a
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +21,7 @@ import torch
 from trcli import distributed, runs, zero
 from trcli.config import Config
 from trcli.errors import TrcliError, UsageError
+from trcli.progress import Progress
 
 STATE = "trainer_state.pt"
 
@@ -47,6 +48,7 @@ class Hooks:
     # step_fn runs collectives of its own: every rank must run it for every micro-batch, a rank whose
     # shard is empty too (it then runs the whole micro-batch with share 0).
     collective: bool = False
+    label: str = "trcli train"  # what its progress lines start with ("trcli sft")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -209,115 +211,116 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             epoch_cache[epoch] = hooks.epoch_batches(epoch)
         return epoch_cache[epoch][within]
 
-    progress = _progress(steps, start) if distributed.is_main() else None
+    # A bar on a terminal; in a log a line per logging step (and at least every 30 s) with the ETA.
+    progress = Progress(hooks.label, steps, "steps", start=start, seconds_per=True) if distributed.is_main() else None
     window: dict[str, list[float]] = {}
     window_tokens, window_start = 0, time.perf_counter()
     last: dict = {}
     model.train()
-    for step in range(start + 1, steps + 1):
-        logging = step % train.logging_steps == 0 or step == steps
-        bad = None
-        # This rank's part of the step's metrics: each micro-batch's, weighted by the rank's share of it,
-        # so that the sum over ranks is what one process would log (token counts are summed as they are).
-        sums: dict[str, float] = {}
-        for micro in range(train.grad_accum):
-            # Each rank takes its slice of the global micro-batch (all of it in one process).
-            whole = micro_batch((step - 1) * train.grad_accum + micro)
-            batch, share = distributed.shard(whole, hooks.loss_weight)
-            stand_in = not batch
-            if stand_in:  # a last batch smaller than the number of ranks: this rank adds zeros
-                if not collective:
+    completed = False
+    try:
+        for step in range(start + 1, steps + 1):
+            logging = step % train.logging_steps == 0 or step == steps
+            bad = None
+            # This rank's part of the step's metrics: each micro-batch's, weighted by the rank's share of it,
+            # so that the sum over ranks is what one process would log (token counts are summed as they are).
+            sums: dict[str, float] = {}
+            for micro in range(train.grad_accum):
+                # Each rank takes its slice of the global micro-batch (all of it in one process).
+                whole = micro_batch((step - 1) * train.grad_accum + micro)
+                batch, share = distributed.shard(whole, hooks.loss_weight)
+                stand_in = not batch
+                if stand_in:  # a last batch smaller than the number of ranks: this rank adds zeros
+                    if not collective:
+                        continue
+                    # The passes are collective, so this rank still runs one, on the whole batch, counted 0.
+                    batch, share = whole, 0.0
+                loss, metrics = hooks.step_fn(policy, batch, share, logging)
+                if not torch.isfinite(loss):
+                    bad = loss.item()
+                stop = bad is not None
+                if collective:  # backward is collective too: the ranks stop before it together
+                    stop = distributed.any_rank(stop)
+                if stop:
+                    break
+                if engine is not None:  # the engine averages over ranks; each rank's loss carries its share
+                    engine.backward(loss * share * distributed.world_size() / train.grad_accum, scale_wrt_gas=False)
+                else:
+                    (loss * share / train.grad_accum).backward()
+                if stand_in:
                     continue
-                # The passes are collective, so this rank still runs one, on the whole batch, counted 0.
-                batch, share = whole, 0.0
-            loss, metrics = hooks.step_fn(policy, batch, share, logging)
-            if not torch.isfinite(loss):
-                bad = loss.item()
-            stop = bad is not None
-            if collective:  # backward is collective too: the ranks stop before it together
-                stop = distributed.any_rank(stop)
-            if stop:
-                break
-            if engine is not None:  # the engine averages over ranks; each rank's loss carries its share
-                engine.backward(loss * share * distributed.world_size() / train.grad_accum, scale_wrt_gas=False)
+                sums["tokens"] = sums.get("tokens", 0) + metrics.pop("tokens", 0)
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * share / train.grad_accum
+            if distributed.any_rank(bad is not None):  # all ranks stop together, none waits in a collective
+                kept = latest_checkpoint(run_dir)
+                raise TrcliError(f"loss is {bad if bad is not None else 'not finite on another rank'} at step {step}; "
+                                 f"stopped (last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
+            lr = scheduler.get_last_lr()[0]
+            if engine is not None:  # reduce, clip (its gradient_clipping), step, schedule, zero
+                skipped = engine.skipped_steps
+                engine.step()  # a non-finite gradient makes it skip the step (and the schedule) silently
+                finite = engine.skipped_steps == skipped
+                grad_norm = engine.get_global_grad_norm() if finite else float("inf")
             else:
-                (loss * share / train.grad_accum).backward()
-            if stand_in:
-                continue
-            sums["tokens"] = sums.get("tokens", 0) + metrics.pop("tokens", 0)
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + float(value) * share / train.grad_accum
-        if distributed.any_rank(bad is not None):  # all ranks stop together, none waits in a collective
-            kept = latest_checkpoint(run_dir)
-            raise TrcliError(f"loss is {bad if bad is not None else 'not finite on another rank'} at step {step}; "
-                             f"stopped (last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
-        lr = scheduler.get_last_lr()[0]
-        if engine is not None:  # reduce, clip (its gradient_clipping), step, schedule, zero
-            skipped = engine.skipped_steps
-            engine.step()  # a non-finite gradient makes it skip the step (and the schedule) silently
-            finite = engine.skipped_steps == skipped
-            grad_norm = engine.get_global_grad_norm() if finite else float("inf")
-        else:
-            distributed.all_reduce_grads(params)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
-            if distributed.is_sharded(grad_norm):
-                grad_norm = grad_norm.full_tensor()
-            finite = bool(torch.isfinite(grad_norm))
-        if not finite:  # the norm is global: every rank stops here
-            kept = latest_checkpoint(run_dir)
-            raise TrcliError(f"gradient norm is not finite at step {step}; stopped before the update "
-                             f"(last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
-        grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None: DeepSpeed told not to compute it
-        if engine is None:
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        # The step's metrics over all ranks (the same everywhere: a KL-triggered update is decided alike).
-        step_metrics = distributed.sum_row(sums)
-        window_tokens += step_metrics.pop("tokens", 0)
-        step_metrics["grad_norm"] = grad_norm
-        for key, value in step_metrics.items():
-            window.setdefault(key, []).append(value)
-        extra = hooks.after_step(step, step_metrics, logging)
-        if hooks.evaluate is not None and train.eval_steps and step % train.eval_steps == 0:
-            extra.update(hooks.evaluate())
-        if logging:
-            elapsed = time.perf_counter() - window_start
-            row = {"step": step, "epoch": round((step * train.grad_accum) / micro_per_epoch, 4), "lr": lr}
-            row.update({k: sum(v) / len(v) for k, v in window.items() if v})
-            row.update(extra)
-            row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
-            sinks.write(row)
-            last = row
-            window, window_tokens, window_start = {}, 0, time.perf_counter()
-            if progress is None and distributed.is_main():
-                _log(f"step {step}/{steps} loss {row.get('loss', float('nan')):.4f} "
-                     f"grad_norm {row['grad_norm']:.3f} lr {lr:.2e}")
-        elif extra:
-            last.update(extra)
+                distributed.all_reduce_grads(params)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm)
+                if distributed.is_sharded(grad_norm):
+                    grad_norm = grad_norm.full_tensor()
+                finite = bool(torch.isfinite(grad_norm))
+            if not finite:  # the norm is global: every rank stops here
+                kept = latest_checkpoint(run_dir)
+                raise TrcliError(f"gradient norm is not finite at step {step}; stopped before the update "
+                                 f"(last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
+            grad_norm = float("nan") if grad_norm is None else float(grad_norm)  # None: DeepSpeed told not to compute it
+            if engine is None:
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            # The step's metrics over all ranks (the same everywhere: a KL-triggered update is decided alike).
+            step_metrics = distributed.sum_row(sums)
+            step_tokens = step_metrics.pop("tokens", 0)
+            window_tokens += step_tokens
+            step_metrics["grad_norm"] = grad_norm
+            for key, value in step_metrics.items():
+                window.setdefault(key, []).append(value)
+            extra = hooks.after_step(step, step_metrics, logging)
+            if hooks.evaluate is not None and train.eval_steps and step % train.eval_steps == 0:
+                extra.update(hooks.evaluate())
+            if logging:
+                elapsed = time.perf_counter() - window_start
+                row = {"step": step, "epoch": round((step * train.grad_accum) / micro_per_epoch, 4), "lr": lr}
+                row.update({k: sum(v) / len(v) for k, v in window.items() if v})
+                row.update(extra)
+                row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
+                sinks.write(row)
+                last = row
+                window, window_tokens, window_start = {}, 0, time.perf_counter()
+            elif extra:
+                last.update(extra)
+            if progress is not None:
+                progress.advance(1, tokens=int(step_tokens))
+                if logging:
+                    progress.show(_summary(row, lr))
+            if train.save_steps and step % train.save_steps == 0 and step != steps:
+                save_checkpoint(step)
+        completed = True
+    finally:
         if progress is not None:
-            progress[0].update(progress[1], advance=1)
-        if train.save_steps and step % train.save_steps == 0 and step != steps:
-            save_checkpoint(step)
-    if progress is not None:
-        progress[0].stop()
+            progress.close(completed)
     save_checkpoint(steps)
     distributed.check_replicas(replicated, "the final weights", announce=True)
     last["steps"] = steps
     return last
 
 
-def _progress(steps: int, start: int):
-    if not sys.stderr.isatty():
-        return None
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-    task = bar.add_task("training", total=steps, completed=start)
-    bar.start()
-    return bar, task
+def _summary(row: dict, lr: float) -> str:
+    """A logging step's loss, grad norm and lr for its progress line (kl/init and eval/loss when logged)."""
+    text = f"loss {row.get('loss', math.nan):.4f} grad_norm {row['grad_norm']:.3f} lr {lr:.2e}"
+    for key in ("kl/init", "eval/loss"):
+        if isinstance(row.get(key), (int, float)):
+            text += f" {key} {row[key]:.4f}"
+    return text
 
 
 def shuffled_batches(items: list, batch_size: int, seed: int, min_size: int = 1) -> list[list]:

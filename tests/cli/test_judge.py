@@ -225,7 +225,7 @@ def test_identical_pairs_are_warned_about(tmp_path, server):
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path, server, monkeypatch):
     """Under nohup (stderr a file): a plain line at a steady cadence with done / total, items/s and
     the ETA, and one at the end; stdout holds the result only. (30 s in real runs; 0.1 s here.)"""
-    from trcli.judge import progress
+    from trcli import progress
 
     monkeypatch.setattr(progress, "PLAIN_EVERY", 0.1)
     server["delay"] = 0.05

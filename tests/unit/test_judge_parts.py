@@ -14,7 +14,7 @@ from trcli.errors import DataError, UsageError
 from trcli.judge import prompts, stats
 from trcli.judge.client import (BadAnswer, Budget, BudgetExhausted, Scrubber, _retry_after, answer_text,
                                 check_base_url, clean_usage, cost_usd, price, retry_wait)
-from trcli.judge.progress import Progress, duration
+from trcli.progress import Progress, duration
 from trcli.stages.judge import _combine, candidate_first, match
 
 
@@ -271,7 +271,7 @@ def test_progress_plain_lines_at_a_cadence_then_a_final_line(monkeypatch):
     line at the end; nothing at all when the work ends before the first line is due."""
     import io
 
-    from trcli.judge import progress as progress_mod
+    from trcli import progress as progress_mod
 
     monkeypatch.setattr(progress_mod, "PLAIN_EVERY", 0.1)
     out = io.StringIO()

@@ -122,6 +122,7 @@ def run(cfg: Config) -> dict:
         after_step=updater.on_step_end,
         extra_state=updater.state_dict,
         load_extra_state=updater.load_state_dict,
+        label="trcli align",
     )
     final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks, deepspeed=parallel.deepspeed)
 

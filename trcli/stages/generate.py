@@ -35,6 +35,7 @@ from trcli.data.files import RowError, read_jsonl
 from trcli.data.records import load_prepped, rendering
 from trcli.errors import DataError, UsageError
 from trcli.modeling import load_base, load_tokenizer, pick_device
+from trcli.progress import Progress
 from trcli.runs import inherit, output_lock, read_jsonl_repairing, upstream
 from trcli.tokens import Encoder, end_of_turn_ids, resolve_chat_template, template_id
 
@@ -246,8 +247,10 @@ def run(cfg: Config) -> dict:
                 raise
             _stdout_to_devnull()  # the reader is gone (`| head`): end quietly, as a Unix filter does
             return None
-    print(json.dumps(result), file=sys.stderr)
-    return None if to_stdout else result
+    if to_stdout:  # stdout carries the records: the summary goes to stderr
+        print(json.dumps(result), file=sys.stderr)
+        return None
+    return result
 
 
 def _generate(cfg: Config, up: dict, prompts: list[dict], to_stdout: bool) -> dict:
@@ -283,6 +286,8 @@ def _generate(cfg: Config, up: dict, prompts: list[dict], to_stdout: bool) -> di
 
     sink = sys.stdout if to_stdout else open(out_path, "a", encoding="utf-8")
     written = 0
+    # A bar on a terminal, else a line every 30 s (completions done / all, completions/s, tokens/s, ETA).
+    progress = Progress("trcli generate", len(samples), "completions", start=skipped)
     try:
         for chunk in todo:
             records = []
@@ -294,6 +299,7 @@ def _generate(cfg: Config, up: dict, prompts: list[dict], to_stdout: bool) -> di
             if scorer is not None:  # the whole batch, as an uninterrupted run scores it
                 _score(records, tokenizer, model, scorer, device)
             records = [r for r in records if r["id"] not in done]
+            new_tokens = sum(len(r["_ids"]) for r in records)
             for record in records:
                 del record["_prompt_ids"], record["_ids"]
                 sink.write(json.dumps(record) + "\n")
@@ -301,7 +307,10 @@ def _generate(cfg: Config, up: dict, prompts: list[dict], to_stdout: bool) -> di
             if not to_stdout:
                 os.fsync(sink.fileno())
             written += len(records)
+            progress.advance(len(records), tokens=new_tokens)
+        progress.close()
     finally:
+        progress.close(completed=False)  # after an error: stop without a last line (a no-op once closed)
         if not to_stdout:
             sink.close()
     return {"output": cfg.output, "written": written, "skipped_existing": skipped, "prompts": len(prompts)}

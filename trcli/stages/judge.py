@@ -33,7 +33,7 @@ from trcli.errors import DataError, GateError, UsageError
 from trcli.judge import prompts, ratings, stats
 from trcli.judge.cache import Cache, request_key
 from trcli.judge.client import PRICES, Budget, BudgetExhausted, Client, Reply, check_base_url, cost_usd, price
-from trcli.judge.progress import Progress
+from trcli.progress import Progress
 from trcli.runs import Run, write_json, write_text
 
 CANDIDATE, BASELINE = "candidate", "baseline"

@@ -16,6 +16,7 @@ from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
 from trcli.modeling import build_for_training, load_tokenizer, no_dropout, pick_device, trainable_parameters
+from trcli.progress import Progress
 from trcli.runs import Run, inherit
 from trcli.tokens import stage_encoder
 from trcli.trust_region import POLICY
@@ -75,8 +76,14 @@ def run(cfg: Config) -> dict:
         if not test_rows:
             return {}
         bs = cfg.train.batch_size
-        with no_dropout(model):
-            losses = [nll(model, test_rows[i:i + bs])[0].item() for i in range(0, len(test_rows), bs)]
+        losses = []
+        # The whole test split, batch by batch: minutes on a large one, so it shows progress too.
+        with no_dropout(model), Progress("trcli sft: eval", -(-len(test_rows) // bs), "batches",
+                                         enabled=distributed.is_main()) as progress:
+            for i in range(0, len(test_rows), bs):
+                loss, tokens = nll(model, test_rows[i:i + bs])
+                losses.append(loss.item())
+                progress.advance(1, tokens=tokens)
         return {"eval/loss": sum(losses) / len(losses)}
 
     hooks = Hooks(
@@ -86,9 +93,10 @@ def run(cfg: Config) -> dict:
         load=lambda d: load_weights(d, parts),
         evaluate=evaluate if test_rows else None,
         loss_weight=lambda items: sum(len(e.completion) for e in items),  # nll is a token mean
+        label="trcli sft",
     )
     final = fit(cfg, run_dir.dir, model, trainable_parameters(model), hooks, deepspeed=parallel.deepspeed)
-    if test_rows:
+    if test_rows and "eval/loss" not in final:  # not evaluated at the last step (--eval-steps) already
         final.update(evaluate())
     save_weights(run_dir.dir, parts)
     if distributed.is_main():
