@@ -91,6 +91,29 @@ def _stop_if_disk_full(exc: BaseException, path: Path, run_dir: Path, what: str)
                          f"{runs.intact(run_dir)}") from exc
 
 
+def no_nan(value: Any) -> Any:
+    """``value`` with every non-finite float (a KTO batch without an undesirable example, a grad norm
+    DeepSpeed did not compute) as None, so that it is strict JSON (``null``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: no_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [no_nan(v) for v in value]
+    return value
+
+
+def json_line(row: dict) -> str:
+    """One line of metrics.jsonl: strict JSON, non-finite values as null."""
+    return json.dumps(no_nan(row), allow_nan=False) + "\n"
+
+
+def _mean(values: list[float]) -> float | None:
+    """The mean of a logging window's finite values (a step without the metric is left out); None if none."""
+    kept = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    return sum(kept) / len(kept) if kept else None
+
+
 class _Sinks:
     """metrics.jsonl plus optional TensorBoard / W&B, whichever are installed."""
 
@@ -104,7 +127,7 @@ class _Sinks:
         kept = []
         if resume_step:
             kept = [row for row in runs.read_jsonl_repairing(self.path) if row.get("step", 0) <= resume_step]
-        runs.write_text(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        runs.write_text(self.path, "".join(json_line(row) for row in kept))
         self.writers = []
         for name in cfg.train.report_to:
             try:
@@ -113,7 +136,7 @@ class _Sinks:
 
                     tb = SummaryWriter(str(run_dir / "tensorboard"))
                     self.writers.append(lambda row, tb=tb: [tb.add_scalar(k, v, row["step"]) for k, v in row.items()
-                                                           if isinstance(v, (int, float)) and k != "step"])
+                                                           if isinstance(v, (int, float)) and k != "step"])  # None: left out
                 else:
                     import wandb
 
@@ -127,7 +150,7 @@ class _Sinks:
             return
         try:
             with open(self.path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json_line(row))
         except OSError as exc:
             _stop_if_disk_full(exc, self.path, self.run_dir, f"step {row['step']}'s metrics")
             raise
@@ -290,14 +313,15 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
             if logging:
                 elapsed = time.perf_counter() - window_start
                 row = {"step": step, "epoch": round((step * train.grad_accum) / micro_per_epoch, 4), "lr": lr}
-                row.update({k: sum(v) / len(v) for k, v in window.items() if v})
+                row.update({k: _mean(v) for k, v in window.items() if v})
                 row.update(extra)
+                row = no_nan(row)
                 row["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 else 0.0
                 sinks.write(row)
                 last = row
                 window, window_tokens, window_start = {}, 0, time.perf_counter()
             elif extra:
-                last.update(extra)
+                last.update(no_nan(extra))
             if progress is not None:
                 progress.advance(1, tokens=int(step_tokens))
                 if logging:
@@ -316,7 +340,8 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
 
 def _summary(row: dict, lr: float) -> str:
     """A logging step's loss, grad norm and lr for its progress line (kl/init and eval/loss when logged)."""
-    text = f"loss {row.get('loss', math.nan):.4f} grad_norm {row['grad_norm']:.3f} lr {lr:.2e}"
+    shown = lambda key, digits: "-" if row.get(key) is None else f"{row[key]:.{digits}f}"  # noqa: E731
+    text = f"loss {shown('loss', 4)} grad_norm {shown('grad_norm', 3)} lr {lr:.2e}"
     for key in ("kl/init", "eval/loss"):
         if isinstance(row.get(key), (int, float)):
             text += f" {key} {row[key]:.4f}"

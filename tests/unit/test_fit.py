@@ -68,3 +68,29 @@ def test_deepspeed_stops_on_a_non_finite_gradient_of_bf16_weights_instead_of_app
     report = torch.load(out)
     assert "gradient norm is not finite at step 1; stopped before the update" in report["message"]
     assert report["unchanged"]
+
+
+def test_metrics_jsonl_is_strict_json_with_null_for_missing_values(tmp_path):
+    """A KTO batch without an undesirable example has no rewards/rejected (NaN): a logging window averages the
+    steps that have it, and a window where none has it logs null; every line parses as strict JSON."""
+    import json
+    import math
+
+    rejected = iter([float("nan"), -1.0, float("nan"), float("nan")])  # steps 1-4, logged every 2 steps
+
+    def step_fn(policy, batch, share, logging):
+        loss = (policy(torch.ones(1, 3)) ** 2).sum()
+        return loss, {"loss": loss.item(), "rewards/rejected": next(rejected)}
+
+    model = torch.nn.Linear(3, 1)
+    cfg = load(None, {"train.max_steps": 4, "train.logging_steps": 2, "train.device": "cpu",
+                      "train.batch_size": 1}, environ={})
+    hooks = Hooks(step_fn=step_fn, epoch_batches=lambda epoch: [[1], [2]], save=lambda d: None, load=lambda d: None)
+    final = fit(cfg, tmp_path, model, list(model.parameters()), hooks)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in metrics.jsonl")
+
+    rows = [json.loads(line, parse_constant=refuse) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["rewards/rejected"] for r in rows] == [-1.0, None]
+    assert final["rewards/rejected"] is None and all(math.isfinite(r["loss"]) for r in rows)
