@@ -260,7 +260,9 @@ def _training_options(
     from_run: Optional[str] = FromOpt,
     quantize: Optional[str] = typer.Option(None, help="none | 4bit (QLoRA)."),
     no_lora: bool = typer.Option(False, "--no-lora", help="Full fine-tuning (align: the reference is a frozen copy)."),
-    lora_r: Optional[int] = typer.Option(None), lora_alpha: Optional[float] = typer.Option(None),
+    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default 8)."),
+    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scaling α; the update is scaled by α / r "
+                                                          "(default 2 × --lora-r)."),
     lora_dropout: Optional[float] = typer.Option(None),
     lora_targets: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear."),
     dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16."),

@@ -46,8 +46,10 @@ class ModelConfig(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     quantize: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA (NF4 via bitsandbytes).")
     lora: bool = Field(True, description="Train LoRA adapters (false = full fine-tuning).")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: float = Field(16.0, gt=0)
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float | None = Field(
+        None, gt=0, description="LoRA scaling numerator (the update is scaled by lora_alpha / lora_r); "
+                                "default 2 x lora_r, the recipes' rule (16 for r 8, 32 for r 16).")
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     lora_targets: list[str] = Field(
         default_factory=lambda: ["all-linear"],
@@ -55,6 +57,13 @@ class ModelConfig(Section):
     )
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _alpha_follows_rank(self) -> "ModelConfig":
+        """lora_alpha not given: 2 x lora_r, resolved here once (so `--lora-r 16` trains at alpha 32)."""
+        if self.lora_alpha is None:
+            self.lora_alpha = 2.0 * self.lora_r
+        return self
 
 
 class DataConfig(Section):

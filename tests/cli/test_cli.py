@@ -77,3 +77,20 @@ def test_offline_hub_model_is_a_clear_error(tmp_path, prep_run):
                      env={"HF_HUB_OFFLINE": "1"})
     assert result.exit_code == 2 and "cannot load model 'EleutherAI/pythia-410m'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_lora_alpha_defaults_to_twice_the_rank(tmp_path, tiny_model, prep_run):
+    """`--lora-r 16` trains at alpha 32, as the recipes do; an explicit alpha (flag or recipe) is kept."""
+    from trcli.config import load
+
+    assert load(None, {}, environ={}).model.lora_alpha == 16.0
+    assert load(None, {"model.lora_r": 16}, environ={}).model.lora_alpha == 32.0
+    assert load(None, {"model.lora_r": 16, "model.lora_alpha": 8}, environ={}).model.lora_alpha == 8.0
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"lora_r": 4}}))
+    assert yaml.safe_load(ok("config", "show", "-c", recipe).stdout)["model"]["lora_alpha"] == 8.0
+    assert "2 x lora_r" in json.loads(ok("config", "schema").stdout)["$defs"]["ModelConfig"]["properties"][
+        "lora_alpha"]["description"]
+    ok("sft", "--model", tiny_model, "--from", prep_run, "--max-steps", "1", "--lora-r", "2", "-o", tmp_path / "s")
+    adapter = json.loads((tmp_path / "s" / "adapter" / "adapter_config.json").read_text())
+    assert (adapter["r"], adapter["lora_alpha"]) == (2, 4.0)
