@@ -32,9 +32,11 @@ start of the policy's backward pass:
   expanded to all heads, the output), and every norm beyond a block's two hidden-size ones its
   input (again its output for full fine-tuning, unless it is a native LayerNorm). Plus the
   padding mask of scaled-dot-product attention (T per token per layer), and the completion
-  logits in fp32; at the start of backward the logits are alive four times (saved; the softmax
-  of the logsumexp backward; the gather backward's scatter; the gradient padded back to the
-  full logits by the slice backward).
+  logits in fp32: with ``train.logps_chunk`` (default) one chunk of positions at a time, counted
+  four times, plus two hidden-size vectors per position (trcli.logps); with ``logps_chunk: 0``
+  all positions' logits, alive four times at the start of backward (saved; the softmax of the
+  logsumexp backward; the gather backward's scatter; the gradient padded back to the full logits
+  by the slice backward).
   Gradient checkpointing keeps one hidden vector per layer plus one layer recomputed.
 - a CUDA context row when planning for a GPU (not for ``--device cpu``, nor for ``auto`` on a
   machine without CUDA unless ``--device-memory`` names the device to plan for).
@@ -412,10 +414,16 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
     # Activations of the policy pass, with and without gradient checkpointing.
     tokens = seqs * length
     per_layer = int(shape.saved_per_layer(m.lora) * shape.hidden * dtype) + length * dtype
-    logits = LOGIT_COPIES * shape.vocab * 4
-    full_act = tokens * (shape.layers * per_layer + logits)
-    ckpt_act = tokens * (shape.layers * shape.hidden * dtype + per_layer + logits)
+    if t.logps_chunk:  # trcli.logps: one chunk's fp32 logits alive at a time, plus a hidden-size vector
+        # per position (the final hidden state, and a frozen head's per-position gradient J_t)
+        logits = LOGIT_COPIES * min(t.logps_chunk, tokens) * shape.vocab * 4 + tokens * 2 * shape.hidden * 4
+    else:  # all positions' logits at once
+        logits = LOGIT_COPIES * tokens * shape.vocab * 4
+    full_act = tokens * shape.layers * per_layer + logits
+    ckpt_act = tokens * (shape.layers * shape.hidden * dtype + per_layer) + logits
     shape_note = f"{seqs} seqs x {length} tokens"
+    if t.logps_chunk:
+        shape_note += f"; logits {min(t.logps_chunk, tokens)} positions at a time"
     chosen = ckpt_act if m.gradient_checkpointing else full_act
     rows.append((f"activations ({'with' if m.gradient_checkpointing else 'no'} checkpointing)", chosen, shape_note))
     other = full_act if m.gradient_checkpointing else ckpt_act

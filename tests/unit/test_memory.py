@@ -184,8 +184,10 @@ def test_any_causal_lm_plans_and_counts_what_transformers_and_peft_build(tmp_pat
     trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
     assert shape.lora_params(8, ["all-linear"]) == trainable
     assert rows["policy adapter (fp32)"] == 4 * trainable and rows["reference adapter (fp32)"] == 2 * 4 * trainable
-    # The logits term uses the output head's vocabulary: Gemma 3's 262k dominates its activations.
-    logits = plan["sequences_per_device"] * plan["max_length"] * 4 * config.vocab_size * 4
+    # The logits term uses the output head's vocabulary, one chunk of positions (train.logps_chunk,
+    # 256) four times in fp32: Gemma 3's 262k dominates its activations.
+    tokens = plan["sequences_per_device"] * plan["max_length"]
+    logits = min(256, tokens) * 4 * config.vocab_size * 4
     assert logits < plan["activations"]["no_checkpointing"] < logits + 2**30
     # The 4-bit plan quantises exactly the linear layers all-linear adapts.
     qlora = estimate(load(None, {"model.name_or_path": str(tmp_path), "model.quantize": "4bit"}, environ={}),
@@ -320,10 +322,10 @@ def measured_peak_and_plan(model_dir: Path, tmp: Path, *flags: str) -> tuple[int
 
 @pytest.mark.slow
 def test_plan_bounds_a_real_smollm2_align_step(smollm2, tmp_path):
-    """The issue asks for 15%. Measured on torch 2.13: plan 2,670 MiB, peak 2,278 MiB (+17%); the plan's
-    logits term (four fp32 copies, the padded worst case) is about two copies more than a packed run keeps."""
+    """Within 15% of the measured peak (torch 2.13, logits 256 positions at a time: plan 2,099 MiB,
+    peak 2,298 MiB, -8.7%; with all logits at once the plan was 2,670 MiB against 2,278, +17%)."""
     peak, plan = measured_peak_and_plan(smollm2, tmp_path, "--batch-size", "2", "--max-length", "256")
     assert plan["params"] == 134515008 and plan["device"] == "cpu"  # SmolLM2-135M, tied embeddings once
     print(f"SmolLM2-135M LoRA TR-DPO, 2 pairs x 256 tokens: plan {plan['total'] / 2**20:,.0f} MiB, "
           f"measured peak {peak / 2**20:,.0f} MiB ({plan['total'] / peak - 1:+.1%})")
-    assert -0.15 <= plan["total"] / peak - 1 <= 0.20, (plan["total"] / 2**20, peak / 2**20)
+    assert -0.15 <= plan["total"] / peak - 1 <= 0.15, (plan["total"] / 2**20, peak / 2**20)
