@@ -134,3 +134,82 @@ def test_nothing_to_plot_and_missing_paths_exit_2(tmp_path):
 
 def test_help_shows_an_example():
     assert "Example: trcli report" in ok("report", "--help").stdout
+
+
+def aligned(run: Path, method: str, loss: float, kl: float, steps: int = 10, **align) -> None:
+    """A run as `trcli align` / `sft` writes it: the manifest's config and final steps, metrics at a level."""
+    stage = "sft" if method == "sft" else "align"
+    run.mkdir(parents=True)
+    config = {"train": {"learning_rate": 5e-6}, **({"align": {"method": method, "beta": 0.1, **align}}
+                                                  if stage == "align" else {})}
+    (run / "trcli-run.json").write_text(json.dumps({"stage": stage, "status": "completed", "config": config,
+                                                    "outputs": {"final": {"steps": steps}}}))
+    rows = [{"step": s, "loss": loss * (1 - 0.02 * s)} for s in range(1, steps + 1)]
+    for row in rows if stage == "align" else []:  # SFT logs its loss only
+        s = row["step"]
+        row.update({"kl/init": kl * s / steps, "rewards/margins": kl * (s - 3),
+                    "ref_updates": s if "tr-" in method else 0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def captured_figures(monkeypatch) -> dict[str, object]:
+    from trcli import report
+
+    figures = {}
+
+    def keep(fig, path):  # written as trcli does, and kept open to be inspected
+        figures[path.name] = fig
+        fig.savefig(path, format="png")
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def test_losses_of_different_kinds_get_panels_and_far_apart_runs_a_log_scale(tmp_path, monkeypatch):
+    """SFT's NLL ~2.6, DPO's 0.69 and IPO's 25 are never on one axis; KL 100x apart goes on a log scale;
+    a metric with negative values 10x apart gets a panel per loss family; legends sit outside the axes."""
+    aligned(tmp_path / "sft", "sft", 2.6, 0)
+    aligned(tmp_path / "dpo", "dpo", 0.69, 20.0)
+    aligned(tmp_path / "tr-dpo", "tr-dpo", 0.69, 2.0, update="soft")
+    aligned(tmp_path / "ipo", "ipo", 25.0, 0.2)
+    figures = captured_figures(monkeypatch)
+    ok("report", *(tmp_path / n for n in ("sft", "dpo", "tr-dpo", "ipo")), "-o", tmp_path / "r")
+    titles = lambda fig: [ax.get_title() for ax in fig.axes if ax.get_visible()]  # noqa: E731
+    loss = figures["loss.png"]
+    assert titles(loss) == ["SFT (NLL)", "DPO / TR-DPO", "IPO / TR-IPO"]
+    curves = lambda ax: [line for line in ax.get_lines() if line.get_linestyle() != ":"]  # noqa: E731  (not marks)
+    assert [len(curves(ax)) for ax in loss.axes if ax.get_visible()] == [1, 2, 1]
+    assert sum(line.get_linestyle() == ":" for line in loss.axes[1].get_lines()) == 10  # tr-dpo's updates
+    kl = figures["kl_init.png"]
+    assert len(titles(kl)) == 1 and kl.axes[0].get_yscale() == "log" and "log scale" in titles(kl)[0]
+    assert titles(figures["reward_margins.png"]) == ["DPO / TR-DPO", "IPO / TR-IPO"]
+    for fig in figures.values():
+        fig.canvas.draw()
+        legend = fig.legends[0].get_window_extent()
+        assert all(legend.x0 >= ax.get_window_extent().x1 for ax in fig.axes if ax.get_visible())
+    styles = sorted(line.get_linestyle() for ax in loss.axes for line in curves(ax))
+    assert styles == ["-", "-", "--", "--"]  # dpo and ipo dashed: a static reference
+
+
+def test_runs_table_and_win_rate_points_say_method_beta_alpha_tau_lr_steps_kl(tmp_path):
+    """The table's settings come from each run's manifest (TR defaults resolved); a judge run shows its
+    candidate's, found through its generations' `model`; a CI that excludes the estimate still plots."""
+    aligned(tmp_path / "tr-dpo", "tr-dpo", 0.69, 2.0, update="hard", tau=64)
+    aligned(tmp_path / "dpo", "dpo", 0.69, 8.0)
+    gens = tmp_path / "gens.jsonl"
+    gens.write_text(json.dumps({"id": "0", "completion": "x", "model": str(tmp_path / "tr-dpo")}) + "\n")
+    judge = tmp_path / "j-tr-dpo"
+    judge.mkdir()
+    (judge / "trcli-run.json").write_text(json.dumps({"stage": "judge", "status": "completed",
+                                                      "config": {"judge": {"candidate": str(gens)}}}))
+    (judge / "summary.json").write_text(json.dumps({"win_rate": 0.6, "ci95": [0.61, 0.7], "n": 50,
+                                                    "kl": {"candidate": {"mean": 2.0}}}))
+    data = json.loads(ok("report", tmp_path / "tr-dpo", tmp_path / "dpo", judge, "-o", tmp_path / "r", "--json").stdout)
+    assert [Path(p).name for p in data["plots"]][0] == "win_rate_vs_kl.png"
+    page = (tmp_path / "r" / "report.html").read_text()
+    def cells(run: str) -> list[str]:
+        return re.findall(r"<td[^>]*>([^<]*)</td>", re.search(rf"<tr><td>{run}</td>.*?</tr>", page).group(0))
+
+    assert cells("tr-dpo")[:9] == ["tr-dpo", "align", "tr-dpo", "0.1", "1", "64", "5e-06", "10", "2"]
+    assert cells("dpo")[:9] == ["dpo", "align", "dpo", "0.1", "–", "–", "5e-06", "10", "8"]
+    assert cells("j-tr-dpo")[:8] == ["j-tr-dpo", "judge", "tr-dpo", "0.1", "1", "64", "5e-06", "10"]
