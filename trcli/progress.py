@@ -122,7 +122,8 @@ class Progress:
             now = time.monotonic()
             elapsed = now - self.start
             if final:
-                text = f"{self.label}: {self.done}/{self.total} {self.unit} in {duration(elapsed)}, {self._stats(elapsed)}"
+                text = (f"{self.label}: {self.done}/{self.total} {self.unit} in {duration(elapsed)}, "
+                        f"{self._stats(elapsed)}")
             else:
                 per_second = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
                 eta = duration((self.total - self.done) / per_second) if per_second > 0 else "unknown"

@@ -136,7 +136,7 @@ class _Sinks:
 
                     tb = SummaryWriter(str(run_dir / "tensorboard"))
                     self.writers.append(lambda row, tb=tb: [tb.add_scalar(k, v, row["step"]) for k, v in row.items()
-                                                           if isinstance(v, (int, float)) and k != "step"])  # None: left out
+                                                           if isinstance(v, (int, float)) and k != "step"])
                 else:
                     import wandb
 

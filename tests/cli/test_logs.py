@@ -45,8 +45,8 @@ def test_generate_logs_completions_with_eta(tmp_path, sft_run, monkeypatch):
     assert json.loads(result.stdout)["written"] == 4  # stdout: the result only
     lines = result.stderr.splitlines()
     assert lines and all(line.startswith("trcli generate: ") for line in lines), result.stderr
-    assert all(re.fullmatch(r"trcli generate: \d/4 completions \(\d+%\), [\d.]+ completions/s(, \d+ tokens/s)?, ETA \S+",
-                            line) for line in lines[:-1]), lines
+    line_re = r"trcli generate: \d/4 completions \(\d+%\), [\d.]+ completions/s(, \d+ tokens/s)?, ETA \S+"
+    assert all(re.fullmatch(line_re, line) for line in lines[:-1]), lines
     assert any(" tokens/s, ETA " in line for line in lines)
     assert lines[-1].startswith("trcli generate: 4/4 completions in ")
 
