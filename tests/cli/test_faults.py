@@ -5,6 +5,7 @@ SIGTERM / SIGINT / SIGKILL and resume, a DeepSpeed build lock left by a killed b
 from __future__ import annotations
 
 import json
+import re
 import math
 import os
 import signal
@@ -41,9 +42,11 @@ def wait_for(ready, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def errors(stderr: str, stage: str) -> list[str]:
-    """trcli's own error lines (a library may log other lines on stderr)."""
+    """trcli's own error lines (a library may log other lines on stderr, and trcli its progress lines,
+    'trcli align: 3/8 steps ...')."""
     assert "Traceback" not in stderr, stderr
-    return [line for line in stderr.splitlines() if line.startswith(f"trcli {stage}: ")]
+    progress = re.compile(rf"trcli {stage}: (\S+ )?\d+/\d+ ")
+    return [line for line in stderr.splitlines() if line.startswith(f"trcli {stage}: ") and not progress.match(line)]
 
 
 def staging(run: Path) -> list[str]:
