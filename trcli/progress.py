@@ -77,22 +77,39 @@ class Progress:
     def _rich(self):
         if _Shared.bar is None:
             from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, ProgressColumn,
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, ProgressColumn, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
+            from rich.table import Column
             from rich.text import Text
 
             class Rate(ProgressColumn):
+                def __init__(self):
+                    super().__init__(table_column=Column(no_wrap=True))
+
                 def render(self, task):
                     if task.speed is None:
                         return Text("-")
-                    text = _rate(task.speed, task.fields["unit"], task.fields["seconds_per"])
-                    tokens, elapsed = task.fields["tokens"], task.elapsed or 0.0
-                    if tokens and elapsed > 0:
-                        text += f", {tokens / elapsed:.0f} tokens/s"
-                    return Text(text)
+                    return Text(_rate(task.speed, task.fields["unit"], task.fields["seconds_per"]))
 
-            _Shared.bar = Bar("{task.description}", BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                              "ETA", TimeRemainingColumn(), "{task.fields[note]}",
+            class Shrinkable(ProgressColumn):
+                """Tokens/s and the note (the loss ...): on a narrow terminal these are cut short, not the
+                counts, the rate and the ETA."""
+
+                def __init__(self, text):
+                    self.text = text
+                    super().__init__(table_column=Column(no_wrap=False, overflow="ellipsis"))
+
+                def render(self, task):
+                    return Text(self.text(task), no_wrap=True, overflow="ellipsis")
+
+            def tokens(task) -> str:
+                elapsed, count = task.elapsed or 0.0, task.fields["tokens"]
+                return f"{count / elapsed:.0f} tokens/s" if count and elapsed > 0 else ""
+
+            _Shared.bar = Bar(TextColumn("{task.description}", table_column=Column(no_wrap=True)),
+                              BarColumn(bar_width=20), MofNCompleteColumn(), Rate(), Shrinkable(tokens),
+                              TimeElapsedColumn(), "ETA", TimeRemainingColumn(),
+                              Shrinkable(lambda task: task.fields["note"]),
                               console=Console(file=self.stream, force_terminal=True), transient=True)
             _Shared.bar.start()
         _Shared.users += 1
