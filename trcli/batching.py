@@ -147,11 +147,62 @@ def _attention_masks(model, allowed: torch.Tensor, positions: torch.Tensor):
     return {"full_attention": allowed, "sliding_attention": windowed}
 
 
-def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
+def _fill(sizes: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: group indices per row of ``width`` slots."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for g in sorted(range(len(sizes)), key=lambda g: -sizes[g]):
+        r = next((r for r in range(len(rows)) if room[r] >= sizes[g]), None)
+        if r is None:
+            rows.append([]), room.append(width)
+            r = len(rows) - 1
+        rows[r].append(g)
+        room[r] -= sizes[g]
+    return rows
+
+
+def _layout(sizes: list[int], pair_cost: float | None) -> tuple[int, list[list[int]]]:
+    """Row width and rows. Without ``pair_cost``, rows are as long as the longest group. With it
+    (the cost of one attention score relative to one token's linear layers: the dense attention
+    of sdpa / eager computes rows × width² scores), the width from 1x to 4x the longest group
+    (or all groups in one row) that minimises slots + pair_cost · rows · width² — wider rows
+    leave less padding, whose linear-layer FLOPs and activations are pure waste."""
+    longest = max(sizes)
+    if pair_cost is None:
+        return longest, _fill(sizes, longest)
+    best = None
+    for width in sorted({longest + longest * k // 8 for k in range(25)} | {sum(sizes)}):
+        rows = _fill(sizes, width)
+        width = max(sum(sizes[g] for g in row) for row in rows)
+        cost = len(rows) * width * (1 + pair_cost * width)
+        if best is None or cost < best[0]:
+            best = (cost, width, rows)
+    return best[1], best[2]
+
+
+def pair_cost(model) -> float:
+    """The FLOPs of one attention score (q·k and p·v over all heads) relative to one token through
+    a layer's linear maps, for :func:`pack`'s choice of row width."""
+    config = _text_config(_transformers_model(model))
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return 0.0
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    base = _transformers_model(model)
+    embeddings = {id(p) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    linear = sum(p.numel() for p in base.parameters() if id(p) not in embeddings and p.dim() == 2) / layers
+    return 4 * heads * head_dim / (2 * linear) if linear else 0.0
+
+
+def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device, pair_cost: float | None = None) -> dict:
     """Packed rows for ``seqs`` (prompt, completion) with each distinct prompt computed once.
 
     ``token_logps`` on the result gives row i of its output for ``seqs[i]``: completion token
     log-probs left-aligned (N × longest completion), zero past the completion's end.
+    ``pair_cost``: choose the row width by cost (:func:`_layout`); None: as long as the longest group.
     """
     groups: dict[tuple, list[int]] = {}
     for i, (p, _) in enumerate(seqs):
@@ -172,17 +223,7 @@ def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
                     pos.append(len(prompt) + j)
                     seg.append(k)
         built.append((ids, pos, seg, targets))
-    width = max(len(g[0]) for g in built)
-    rows: list[list[int]] = []  # group indices per row
-    room: list[int] = []
-    for g in sorted(range(len(built)), key=lambda g: -len(built[g][0])):
-        n = len(built[g][0])
-        r = next((r for r in range(len(rows)) if room[r] >= n), None)
-        if r is None:
-            rows.append([]), room.append(width)
-            r = len(rows) - 1
-        rows[r].append(g)
-        room[r] -= n
+    width, rows = _layout([len(g[0]) for g in built], pair_cost)  # group indices per row
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     # Padding gets a group of its own per position, so a pad token attends to itself only (no
@@ -217,8 +258,14 @@ def pack(seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
 
 
 def make_batch(model, seqs: list[tuple[list[int], list[int]]], pad_id: int, device) -> dict:
-    """The cheapest exact batch this model can take: packed with shared prompts, else padded rows."""
-    return pack(seqs, pad_id, device) if supports_packing(model) else collate(seqs, pad_id, device)
+    """The cheapest exact batch this model can take: packed with shared prompts (rows as wide as
+    the model's costs make best), else padded rows."""
+    if not supports_packing(model):
+        return collate(seqs, pad_id, device)
+    base = _transformers_model(model)
+    if not hasattr(base, "_trcli_pair_cost"):
+        object.__setattr__(base, "_trcli_pair_cost", pair_cost(model))
+    return pack(seqs, pad_id, device, base._trcli_pair_cost)
 
 
 def _packed_token_logps(model, batch: dict, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,9 +290,7 @@ def _packed_logps_on(model, batch: dict, chunk: int, impl: str) -> tuple[torch.T
     base = _transformers_model(model)
     dtype = inner.get_input_embeddings().weight.dtype
 
-    def as_mask(allowed):  # sdpa takes booleans; eager attention adds the mask to the scores
-        if impl == "sdpa":
-            return allowed[:, None]
+    def as_mask(allowed):  # additive, also for sdpa: a boolean mask would be converted (and kept for backward) per layer
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min)[:, None]
 

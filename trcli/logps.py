@@ -46,6 +46,9 @@ def _text_config(model):
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
+IDENTITY = "none"
+
+
 def _candidates(base) -> list[tuple[str, Callable]]:
     """Logit transforms transformers' CausalLM heads apply after the projection, most specific first."""
     config = _text_config(base)
@@ -62,7 +65,7 @@ def _candidates(base) -> list[tuple[str, Callable]]:
     if isinstance(scaling, (int, float)) and scaling != 1:  # Granite divides, HyperCLOVA X multiplies
         found.append((f"/ {scaling}", lambda z, s=float(scaling): z / s))
         found.append((f"x {scaling}", lambda z, s=float(scaling): z * s))
-    found.append(("none", lambda z: z))
+    found.append((IDENTITY, lambda z: z))
     return found
 
 
@@ -93,14 +96,14 @@ def _tolerance(dtype) -> dict:
 
 
 def _verify(base, projected: torch.Tensor, logits: torch.Tensor):
-    """The transform mapping the projection's output to the model's logits (one position), or False."""
+    """The (name, transform) mapping the projection's output to the model's logits (one position), or False."""
     if projected is None or logits is None or projected.shape != logits.shape:
         return False
     for name, fn in _candidates(base):
         with torch.no_grad():
             mine = fn(projected.detach()).float()
         if torch.allclose(mine, logits.detach().float(), **_tolerance(projected.dtype)):
-            return fn
+            return name, fn
     return False
 
 
@@ -146,12 +149,47 @@ def hidden_logps(model, run: Callable, select: Callable, targets: torch.Tensor, 
 
 
 def _logps(head, transform, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = transform(head(h)).float()
+    """Plain autograd: what runs under a checkpoint (trainable projection)."""
+    logits = transform[1](head(h)).float()
     return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
+def _frozen_chunk(head, transform, h: torch.Tensor, targets: torch.Tensor, jacobian: bool):
+    """log-probs of one chunk, and with ``jacobian`` the rows ∂ log p_t / ∂h_t, with as few
+    chunk × vocabulary tensors alive as possible: the logits are turned into the softmax and then
+    into d log p / d logits in place (onehot - softmax), which autograd carries back through the
+    transform (if any) and the projection to h."""
+    name, fn = transform
+    with torch.enable_grad() if jacobian else torch.no_grad():
+        x = h.detach().requires_grad_(jacobian)
+        z = head(x)
+        if name == IDENTITY:
+            logits, z_in = z, None
+        else:
+            z_in = z.detach().requires_grad_(jacobian)
+            logits = fn(z_in)
+    with torch.no_grad():
+        # In place on the logits (a float32 copy when the projection runs in another dtype): no
+        # backward of the projection or the transform reads its own output.
+        y = logits.detach() if logits.dtype == torch.float32 else logits.detach().float()
+        picked = y.gather(-1, targets[:, None]).squeeze(-1)
+        top = y.amax(-1, keepdim=True)
+        y.sub_(top).exp_()
+        total = y.sum(-1, keepdim=True)
+        logps = picked - (top + total.log()).squeeze(-1)
+        if not jacobian:
+            return logps, None
+        y.div_(total).neg_().scatter_add_(-1, targets[:, None], torch.ones_like(picked)[:, None])
+    grad = y if logits.dtype == torch.float32 else y.to(logits.dtype)
+    if z_in is not None:
+        (grad,) = torch.autograd.grad(logits, z_in, grad)
+    (rows,) = torch.autograd.grad(z, x, grad)
+    return logps, rows
+
+
 def chunked_logps(head, transform, h: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log softmax(transform(head(h)))[targets] for rows h (N × hidden), ``chunk`` rows at a time."""
+    """log softmax(transform(head(h)))[targets] for rows h (N × hidden), ``chunk`` rows at a time;
+    ``transform`` is a (name, function) pair from :func:`_candidates`."""
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
     trainable = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
@@ -162,26 +200,22 @@ def chunked_logps(head, transform, h: torch.Tensor, targets: torch.Tensor, chunk
                                      use_reentrant=False) for i in range(0, h.shape[0], chunk)])
     if torch.is_grad_enabled() and h.requires_grad:
         return _FrozenHead.apply(h, targets, head, transform, chunk)
-    with torch.no_grad():
-        return torch.cat([_logps(head, transform, h[i:i + chunk], targets[i:i + chunk])
-                          for i in range(0, h.shape[0], chunk)])
+    return torch.cat([_frozen_chunk(head, transform, h[i:i + chunk], targets[i:i + chunk], False)[0]
+                      for i in range(0, h.shape[0], chunk)])
 
 
 class _FrozenHead(torch.autograd.Function):
     """Log-probs through a projection without trainable parameters. Log-prob t depends on row t of h
     only, so its gradient is the row J_t = ∂ log p_t / ∂h_t, taken in the forward chunk by chunk
-    (autograd through the projection and transform); backward is g_t · J_t."""
+    (:func:`_frozen_chunk`); backward is g_t · J_t."""
 
     @staticmethod
     def forward(ctx, h, targets, head, transform, chunk):
         values, rows = [], []
         for i in range(0, h.shape[0], chunk):
-            with torch.enable_grad():
-                x = h[i:i + chunk].detach().requires_grad_(True)
-                logps = _logps(head, transform, x, targets[i:i + chunk])
-                (grad,) = torch.autograd.grad(logps.sum(), x)
-            values.append(logps.detach())
-            rows.append(grad)
+            logps, jacobian = _frozen_chunk(head, transform, h[i:i + chunk], targets[i:i + chunk], True)
+            values.append(logps)
+            rows.append(jacobian)
         ctx.save_for_backward(torch.cat(rows))
         return torch.cat(values)
 

@@ -125,7 +125,8 @@ def test_softcapping_is_applied_and_verified():
     batch = pack(_seqs(), 0, "cpu")
     with torch.no_grad():
         token_logps(model, batch, chunk=CHUNK)
-    transform = getattr(model, hidden._STATE)
+    name, transform = getattr(model, hidden._STATE)
+    assert name.startswith("softcap")
     z = torch.tensor([100.0, -3.0])
     assert torch.allclose(transform(z), torch.tanh(z / 1.0) * 1.0)  # not the identity
     model.config.final_logit_softcapping = None  # without the cap the log-probs differ: the test has teeth
