@@ -193,7 +193,10 @@ def pair_cost(model) -> float:
     base = _transformers_model(model)
     embeddings = {id(p) for m in (base.get_input_embeddings(), base.get_output_embeddings()) if m is not None
                   for p in m.parameters()}
-    linear = sum(p.numel() for p in base.parameters() if id(p) not in embeddings and p.dim() == 2) / layers
+    # The model's own weights: not adapters, whose number must not change the layout (a TR run's
+    # extra starting-reference adapter would, and with it the bits of the static method's results).
+    linear = sum(p.numel() for name, p in base.named_parameters()
+                 if id(p) not in embeddings and p.dim() == 2 and "lora_" not in name) / layers
     return 4 * heads * head_dim / (2 * linear) if linear else 0.0
 
 
@@ -356,10 +359,12 @@ def flex_unavailable(model_class, device, dropout: float = 0.0) -> str | None:
     device = torch.device(device)
     if not _has_flex():
         return f"torch {torch.__version__} has no flex_attention"
-    if not getattr(model_class, "_supports_flex_attn", False):
-        return f"transformers has no flex_attention for {getattr(model_class, '__name__', model_class)}"
     if device.type != "cuda":
         return f"torch {torch.__version__.split('+')[0]}'s flex_attention has no backward on {device.type}"
+    if model_class is None:
+        return "the model's class is unknown"
+    if not getattr(model_class, "_supports_flex_attn", False):
+        return f"transformers has no flex_attention for {getattr(model_class, '__name__', model_class)}"
     if dropout:
         return "flex_attention has no attention dropout"
     return None
@@ -414,9 +419,26 @@ def attention_path(model_config, device, packed: bool = True) -> str:
         cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
     except ImportError:
         pass
-    device = torch.device(device)
-    why = flex_unavailable(cls, device, 0.0) if cls is not None else "the model's class is unknown"
+    why = flex_unavailable(cls, device, 0.0)
     if why is None and USE_FLEX:
         return ("attention: packed rows on FlexAttention, a BlockMask of shared prompt / own completion"
                 f"{' / sliding window' if getattr(model_config, 'sliding_window', None) else ''} blocks")
     return f"attention: packed rows on sdpa with a dense block mask ({why})"
+
+
+def attention_note(cfg, packed: bool) -> str:
+    """A dry run's line on the attention path (stderr; stdout carries the plan): from the model's
+    config, without loading weights; returned for the plan's JSON."""
+    config = None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
+                                            local_files_only=True)  # a dry run never goes online
+    except Exception:  # a hub id not in the local cache: the class stays unknown
+        pass
+    name = cfg.train.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    note = attention_path(config, device, packed)
+    print(note, file=sys.stderr)
+    return note

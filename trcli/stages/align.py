@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 
 from trcli import distributed, losses, zero
-from trcli.batching import make_batch, token_logps
+from trcli.batching import attention_note, make_batch, set_logps_chunk, token_logps
 from trcli.config import AlignConfig, Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
@@ -39,7 +39,7 @@ def run(cfg: Config) -> dict:
     # Inputs: an SFT run hands over its base model, data and adapter (or full weights).
     up = inherit(cfg)
     if (plan := plan_or_none(cfg, "align")) is not None:
-        return plan
+        return {**plan, "attention": attention_note(cfg, packed=True)}
     if not cfg.output:
         raise UsageError("align needs --output DIR")
     if not cfg.data.path:
@@ -52,6 +52,7 @@ def run(cfg: Config) -> dict:
     parallel = distributed.setup(cfg)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
+    set_logps_chunk(cfg.train.logps_chunk)
 
     # Data: pairs for DPO / IPO; single labelled completions for KTO (pairs are split in two).
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from trcli.batching import collate, token_logps
+from trcli.batching import collate, set_logps_chunk, token_logps
 from trcli.config import Config
 from trcli.data import hh
 from trcli.data.files import RowError, read_jsonl
@@ -261,6 +261,7 @@ def _generate(cfg: Config, up: dict, prompts: list[dict], to_stdout: bool) -> di
     record_id = (lambda p, k: p["id"]) if gen.num_samples == 1 else (lambda p, k: f"{p['id']}-{k}")
 
     device = pick_device(cfg.train.device)
+    set_logps_chunk(cfg.train.logps_chunk)  # --score-with
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     template = resolve_chat_template(tokenizer, cfg.data.chat_template)
     _warn_if_trained_otherwise(cfg, prompts, template)

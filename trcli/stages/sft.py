@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from trcli import distributed
-from trcli.batching import collate, make_batch, token_logps
+from trcli.batching import attention_note, collate, make_batch, set_logps_chunk, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
@@ -27,7 +27,7 @@ from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_wei
 def run(cfg: Config) -> dict:
     inherit(cfg)
     if (plan := plan_or_none(cfg, "sft")) is not None:
-        return plan
+        return {**plan, "attention": attention_note(cfg, packed=cfg.train.packing)}
     if not cfg.output:
         raise UsageError("sft needs --output DIR")
     if not cfg.data.path:
@@ -35,6 +35,7 @@ def run(cfg: Config) -> dict:
     parallel = distributed.setup(cfg)
     device = pick_device(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
+    set_logps_chunk(cfg.train.logps_chunk)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name_or_path)
     data = load_prepped(cfg.data.path)
     encoder = stage_encoder(cfg, tokenizer, "trcli sft")
