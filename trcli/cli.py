@@ -53,28 +53,12 @@ def _verbosity(
     ctx.call_on_close(verbosity.apply(verbose, quiet))
 
 
-def _dry_run_plan(stage: str, cfg: config_mod.Config) -> dict:
-    """sft / align --dry-run: the memory plan from the model's config.json, without importing the
-    stage (datasets, peft, the data pipeline) that the plan does not need. As the stages do it."""
-    from trcli import memory
-    from trcli.runs import inherit
-
-    inherit(cfg)
-    return memory.plan_or_none(cfg, stage)
-
-
 def _execute(stage: str, recipe: Optional[Path], flags: dict[str, Any], as_json: bool) -> Any:
     """Resolve the config, run the stage, print the result; errors become exit codes (_guarded)."""
     import importlib
 
     def call() -> Any:
         cfg = config_mod.load(recipe, flags)
-        if stage in ("sft", "align") and cfg.train.dry_run:
-            from trcli import memory
-
-            result = _dry_run_plan(stage, cfg)
-            _print(result, as_json, memory.render)
-            return result
         module = importlib.import_module(f"trcli.stages.{stage}")
         result = module.run(cfg)
         _print(result, as_json, getattr(module, "render", None))
