@@ -79,4 +79,7 @@ def test_a_batch_log_has_progress_and_no_third_party_noise(tmp_path, prep_run):
     assert json.loads(lines[-1])["steps"] == 4
     for noise in ("WARNING", "Warning", "accelerator", "%|", "Writing model shards", "Traceback"):
         assert noise not in sft.stdout, sft.stdout
-    assert [line.split(" steps")[0] for line in lines[:-1]] == ["trcli sft: 2/4", "trcli sft: 4/4", "trcli sft: 4/4"]
+    # Progress lines only: one per logging step (and one every 30 s on a slow machine), then the last one.
+    assert all(line.startswith("trcli sft: ") for line in lines[:-1]), sft.stdout
+    logged = [line.split(" steps")[0] for line in lines[:-1] if ", loss " in line]
+    assert logged == ["trcli sft: 2/4", "trcli sft: 4/4"] and lines[-2].startswith("trcli sft: 4/4 steps in ")
