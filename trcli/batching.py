@@ -11,6 +11,7 @@ Two batch layouts give the same numbers: :func:`collate` (padded rows, one per s
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -225,8 +226,15 @@ def pair_cost(model) -> float:
                   for p in m.parameters()}
     # The model's own weights: not adapters, whose number must not change the layout (a TR run's
     # extra starting-reference adapter would, and with it the bits of the static method's results).
-    linear = sum(p.numel() for name, p in base.named_parameters()
-                 if id(p) not in embeddings and p.dim() == 2 and "lora_" not in name) / layers
+    # Shapes as the model declares them: ZeRO-3 leaves a rank an empty slice of each weight
+    # (ds_shape holds the real one) and 4-bit weights are packed (quant_state.shape), and the
+    # layout, hence the bits of a step, must not depend on either.
+    def shape(p):
+        quant = getattr(p, "quant_state", None)
+        return tuple(getattr(p, "ds_shape", None) or getattr(quant, "shape", None) or p.shape)
+
+    linear = sum(math.prod(shape(p)) for name, p in base.named_parameters()
+                 if id(p) not in embeddings and len(shape(p)) == 2 and "lora_" not in name) / layers
     return 4 * heads * head_dim / (2 * linear) if linear else 0.0
 
 

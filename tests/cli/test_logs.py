@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 from conftest import ok, run_cli
 
@@ -18,6 +19,17 @@ def test_sft_logs_steps_and_its_evaluation_with_eta(tmp_path, tiny_model, prep_r
     from trcli import progress
 
     monkeypatch.setattr(progress, "PLAIN_EVERY", 0.05)
+    # A tiny model evaluates its test split in milliseconds on a fast machine, before the first
+    # plain line is due (work that ends that fast prints nothing): each evaluation batch is made
+    # to outlast the cadence, so the lines under test are printed on any machine.
+    advance = progress.Progress.advance
+
+    def slow_eval_advance(self, n=1, tokens=0):
+        if self.label.endswith(": eval"):
+            time.sleep(0.08)
+        advance(self, n, tokens)
+
+    monkeypatch.setattr(progress.Progress, "advance", slow_eval_advance)
     result = ok("sft", "--model", tiny_model, "--from", prep_run, "--max-steps", "4", "--batch-size", "1",
                 "--logging-steps", "2", "--eval-steps", "4", "-o", tmp_path / "run")
     lines = result.stderr.splitlines()

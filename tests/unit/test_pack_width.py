@@ -43,3 +43,16 @@ def test_make_batch_packs_by_the_models_cost_and_stays_exact():
         want, want_mask = token_logps(model, collate(seqs, 0, "cpu"))
     for i in range(len(seqs)):
         torch.testing.assert_close(got[i][mask[i]], want[i][want_mask[i]], atol=1e-5, rtol=0)
+
+
+def test_pair_cost_reads_declared_shapes_not_storage(tmp_path):
+    """4-bit weights are stored packed (and ZeRO-3 leaves each rank an empty slice): the row width,
+    hence the bits of a step, is the same as for the plain model."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    model = _llama()
+    model.save_pretrained(tmp_path)
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32), device_map="cpu")
+    assert any(getattr(p, "quant_state", None) is not None for p in quantized.parameters())
+    assert pair_cost(quantized) == pair_cost(model)
