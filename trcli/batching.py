@@ -448,15 +448,16 @@ def attention_path(model_config, device, packed: bool = True) -> str:
     if not packed:
         return "attention: padded rows, the model's own attention (pass --packing to share prompts)"
     cls = None
-    try:
-        import transformers
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    if model_config is not None:  # none: nothing to look up (importing transformers' model classes takes seconds)
+        try:
+            import transformers
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-        arch = (getattr(model_config, "architectures", None) or [None])[0] or \
-            MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(model_config, "model_type", None))
-        cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
-    except ImportError:
-        pass
+            arch = (getattr(model_config, "architectures", None) or [None])[0] or \
+                MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(model_config, "model_type", None))
+            cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+        except ImportError:
+            pass
     why = flex_unavailable(cls, device, 0.0)
     if why is None and USE_FLEX:
         return ("attention: packed rows on FlexAttention, a BlockMask of shared prompt / own completion"
@@ -467,16 +468,17 @@ def attention_path(model_config, device, packed: bool = True) -> str:
 def attention_note(cfg, packed: bool) -> str:
     """A dry run's line on the attention path (stderr; stdout carries the plan): from the model's
     config, without loading weights; returned for the plan's JSON."""
-    config = None
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code,
-                                            local_files_only=True)  # a dry run never goes online
-    except Exception:  # a hub id not in the local cache: the class stays unknown
-        pass
     name = cfg.train.device
     device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    config = None
+    try:  # only CUDA's path depends on the model; importing transformers for nothing takes seconds
+        if packed and torch.device(device).type == "cuda":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(cfg.model.name_or_path, local_files_only=True,  # never online
+                                                trust_remote_code=cfg.model.trust_remote_code)
+    except Exception:  # a hub id not in the local cache: the class stays unknown
+        pass
     note = attention_path(config, device, packed)
     print(note, file=sys.stderr)
     return note

@@ -5,7 +5,8 @@ meta device (``AutoModelForCausalLM.from_config`` under ``torch.device("meta")``
 parameter shapes, no storage) and everything is read from that module tree, so any causal LM
 transformers can build plans the same way. The config comes from a local model's config.json,
 from the local Hugging Face cache for a hub id, or from a built-in table of the paper's models
-so that their hub ids work offline. Read from the tree:
+so that their hub ids work offline. The shape read is cached per config (:func:`cached_shape`), so
+a repeated dry run imports neither transformers nor the training stack. Read from the tree:
 
 - parameters: every parameter once (tied input / output embeddings are one parameter);
 - what LoRA adapts: every nn.Linear (and transformers' Conv1D) except the output head, as peft's
@@ -48,11 +49,15 @@ on CPU (docs/scale.md holds the table).
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 
 from trcli.config import Config
@@ -267,11 +272,14 @@ class _Builtin(Mapping):
 
     def __getitem__(self, name: str) -> Shape:
         if name not in self._shapes:
-            from transformers import AutoConfig
+            def config():
+                from transformers import AutoConfig
 
-            spec = dict(BUILTIN_CONFIGS[name])
-            config = AutoConfig.for_model(spec.pop("model_type"), **spec)
-            self._shapes[name] = read_shape(config, name, "built-in table")
+                spec = dict(BUILTIN_CONFIGS[name])
+                return AutoConfig.for_model(spec.pop("model_type"), **spec)
+
+            key = json.dumps(BUILTIN_CONFIGS[name], sort_keys=True).encode()
+            self._shapes[name] = cached_shape(key, config, name, "built-in table")
         return self._shapes[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -286,34 +294,81 @@ BUILTIN = _Builtin()
 
 def model_shape(name: str | None, trust_remote_code: bool = False) -> Shape:
     """The shape of a local model (its config.json), of a hub id in the local cache or in the built-in table."""
-    from transformers import AutoConfig
-
     if not name:
         raise UsageError("--dry-run needs a model: --model (hub id or local path) or --from a run")
     if Path(name).exists():
         file = Path(name) / "config.json"
         if not file.is_file():
             raise UsageError(f"{name}: no config.json to read the model's shape from")
-        try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-        except Exception as exc:  # an unknown model_type, custom code not trusted, a broken file
-            first = (str(exc).splitlines() or [""])[0][:200]
-            raise UsageError(f"{file}: cannot read the config ({exc.__class__.__name__}: {first})") from None
-        return read_shape(config, name, str(file), trust_remote_code)
+
+        def config():
+            from transformers import AutoConfig
+
+            try:
+                return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            except Exception as exc:  # an unknown model_type, custom code not trusted, a broken file
+                first = (str(exc).splitlines() or [""])[0][:200]
+                raise UsageError(f"{file}: cannot read the config ({exc.__class__.__name__}: {first})") from None
+
+        return cached_shape(file.read_bytes(), config, name, str(file), trust_remote_code)
     key = name.lower().rsplit("/", 1)[-1].removesuffix("-deduped")
     if re.fullmatch(r"(meta-)?llama-3(\.\d)?-8b(-instruct)?", key):
         key = "llama-3-8b"
     if key in BUILTIN:
         return BUILTIN[key]
-    try:  # a hub id already downloaded: its config.json from the local cache, no network
-        config = AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
-    except Exception:
-        config = None
-    if config is not None:
-        return read_shape(config, name, f"{name} (local Hugging Face cache)", trust_remote_code)
     known = ", ".join(BUILTIN)
-    raise UsageError(f"--dry-run: '{name}' is not a local path, not in the local Hugging Face cache and not in "
-                     f"the built-in table ({known}); pass a local copy of the model (only its config.json is read)")
+    unknown = UsageError(f"--dry-run: '{name}' is not a local path, not in the local Hugging Face cache and not in "
+                         f"the built-in table ({known}); pass a local copy of the model (only its config.json is read)")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:  # a hub id already downloaded: its config.json from the local cache, no network
+        file = try_to_load_from_cache(name, "config.json")
+    except Exception:  # not a valid repo id
+        file = None
+    if not isinstance(file, str):
+        raise unknown
+
+    def config():
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+        except Exception:
+            raise unknown from None
+
+    return cached_shape(Path(file).read_bytes(), config, name, f"{name} (local Hugging Face cache)", trust_remote_code)
+
+
+def cached_shape(config_bytes: bytes, config: Callable, name: str, source: str,
+                 trust_remote_code: bool = False) -> Shape:
+    """read_shape of ``config()``, built once per config: building the meta model imports transformers'
+    modeling code (3-5 s on 2 cores), the shape it yields is a small JSON file under $TRCLI_CACHE/shapes
+    (as trcli.pretrained: ~/.cache/trcli by default). The key is the config's bytes, transformers' version
+    (it builds the model) and this module's source (it reads the tree). Custom code is never cached: it can
+    change beside an unchanged config.json."""
+    if trust_remote_code:
+        return read_shape(config(), name, source, trust_remote_code)
+    digest = hashlib.sha256(config_bytes)
+    digest.update(metadata.version("transformers").encode())
+    digest.update(Path(__file__).read_bytes())
+    root = Path(os.environ.get("TRCLI_CACHE") or Path.home() / ".cache" / "trcli").expanduser()
+    file = root / "shapes" / f"{digest.hexdigest()[:32]}.json"
+    try:
+        fields = json.loads(file.read_text())
+        return Shape(name=name, source=source, **{**fields, "modules": tuple(Adaptable(**m) for m in fields["modules"]),
+                                                  "norms": tuple(Norm(**n) for n in fields["norms"])})
+    except (OSError, ValueError, TypeError, KeyError):  # not cached yet, or a damaged entry: build it again
+        pass
+    shape = read_shape(config(), name, source)
+    fields = {k: v for k, v in dataclasses.asdict(shape).items() if k not in ("name", "source")}
+    try:  # written whole or not at all; a read-only cache only costs the next run the build
+        file.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=file.parent, suffix=".tmp", delete=False) as tmp:
+            json.dump(fields, tmp)
+        os.replace(tmp.name, file)
+    except OSError:
+        pass
+    return shape
 
 
 def parse_size(text: str) -> int:

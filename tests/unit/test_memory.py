@@ -248,6 +248,47 @@ def test_cuda_context_only_when_planning_for_a_gpu(tmp_path):
     assert "CUDA context and workspace" not in items("--device", "cpu", "--device-memory", "24GB")
 
 
+# --- A dry run answers fast: the shape is built once per config, then read from the cache ---
+
+_DRY_RUN = r"""
+import json, sys
+from trcli.cli import main
+
+sys.argv = ["trcli", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    assert not exc.code, exc.code
+heavy = [m for m in ("transformers", "peft", "datasets", "deepspeed", "accelerate") if m in sys.modules]
+print(json.dumps(heavy), file=sys.stderr)
+"""
+
+
+def test_a_repeated_dry_run_reads_the_cached_shape_without_importing_the_stack(tmp_path):
+    from transformers import AutoConfig
+
+    _tiny_config("llama").save_pretrained(tmp_path / "model")
+    env = dict(os.environ, TRCLI_CACHE=str(tmp_path / "cache"))
+
+    def dry_run(*flags: str) -> tuple[dict, list[str]]:
+        args = ["align", "--model", str(tmp_path / "model"), "--device", "cpu", "--dry-run", "--json", *flags]
+        run = subprocess.run([sys.executable, "-c", _DRY_RUN, *args], env=env, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout)["plan"], json.loads(run.stderr.strip().splitlines()[-1])
+
+    first, built_with = dry_run()
+    assert "transformers" in built_with and [f.suffix for f in (tmp_path / "cache" / "shapes").iterdir()] == [".json"]
+    again, imported = dry_run()
+    assert again == first and imported == []
+    assert dry_run("--quantize", "4bit", "--lora-targets", "q_proj,v_proj")[1] == []  # every plan from the one shape
+    # The key is the config's content: one more layer is a new shape, not the cached one.
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    deeper, _ = dry_run()
+    assert deeper["params"] == _meta_params(AutoConfig.from_pretrained(tmp_path / "model"))
+    assert deeper["params"] > first["params"] and len(list((tmp_path / "cache" / "shapes").iterdir())) == 2
+
+
 # --- The plan against the measured peak of a real `trcli align` run on CPU ---
 
 _MEASURE = r"""
