@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import sys
-from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Optional
 
@@ -14,8 +13,9 @@ import typer
 from rich.console import Console
 
 from trcli import config as config_mod
-from trcli import verbosity
+from trcli import options, verbosity
 from trcli.errors import TrcliError
+from trcli.options import Flag
 
 app = typer.Typer(
     name="trcli",
@@ -33,10 +33,8 @@ app.add_typer(config_app, name="config")
 
 stdout = Console(soft_wrap=True, no_color=bool(os.environ.get("NO_COLOR")))
 
-# Options shared by every stage, as (flag value, dotted config key).
+# Options that are not config keys (those come from the schema: trcli.options).
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML recipe (defaults < recipe < TRCLI_* env < flags).")
-OutputOpt = typer.Option(None, "--output", "-o", help="Run directory to write.")
-FromOpt = typer.Option(None, "--from", help="A previous stage's run directory.")
 JsonOpt = typer.Option(False, "--json", help="Print the result as JSON on stdout.")
 
 
@@ -144,260 +142,102 @@ def _print(result: Any, as_json: bool, render: Callable | None) -> None:
         stdout.print(render(result))
 
 
-class Source(str, Enum):
-    jsonl = "jsonl"
-    json = "json"
-    csv = "csv"
-    parquet = "parquet"
-    hub = "hub"
-    hh = "hh"
-    tldr = "tldr"
-    ultrafeedback = "ultrafeedback"
-    chat = "chat"
+# Each command's options: config keys (trcli.options builds the flags from the schema).
+MODEL = Flag("model.name_or_path", ("--model", "-m"))
+FROM = Flag("from_run", ("--from",))
+LENGTHS = (Flag("data.max_length"), Flag("data.max_prompt_length"), Flag("data.truncation"))
+TRAINING = (
+    MODEL, Flag("model.tokenizer"), Flag("data.path", ("--data",)), FROM, Flag("model.quantize"),
+    Flag("model.lora", ("--lora/--no-lora",)), Flag("model.lora_r"), Flag("model.lora_alpha"),
+    Flag("model.lora_dropout"), Flag("model.lora_targets", parse=options.comma_list), Flag("model.dtype"),
+    Flag("model.gradient_checkpointing"), Flag("train.max_steps"), Flag("train.epochs"), Flag("train.batch_size"),
+    Flag("train.grad_accum"), Flag("train.learning_rate", ("--learning-rate", "--lr")), Flag("train.lr_scheduler"),
+    Flag("train.warmup_steps"), Flag("train.weight_decay"), Flag("train.max_grad_norm"), Flag("train.seed"),
+    *LENGTHS, Flag("train.logging_steps"), Flag("train.save_steps"), Flag("train.logps_chunk"),
+    Flag("train.device"), Flag("train.report_to", repeat=True), Flag("train.resume", ("--resume",)),
+    Flag("train.fsdp", ("--fsdp",)), Flag("train.deepspeed"), Flag("train.dry_run", ("--dry-run",)),
+    Flag("train.device_memory"), Flag("output", ("--output", "-o")),
+)
 
 
-def _columns(spec: Optional[str]) -> Optional[dict[str, str]]:
-    if spec is None:
-        return None
-    out = {}
-    for part in spec.split(","):
-        key, sep, value = part.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise typer.BadParameter(f"expected field=column pairs, got '{part}'", param_hint="--columns")
-        out[key.strip()] = value.strip()
-    return out
+def _execute_given(stage: str, ctx: typer.Context, kw: dict[str, Any], as_json: bool, recipe: Optional[Path],
+                   **extra: Any) -> Any:
+    """_execute with the options the user gave (and ``extra`` dotted keys, None = not given)."""
+    flags = {**options.given(ctx, kw), **extra}
+    return _execute(stage, recipe, flags, as_json)
 
 
 @app.command(epilog="Example: trcli prep --source hh --input harmless-base-test.jsonl.gz --test-size 0.05 -o runs/prep")
-def prep(
-    source: Optional[Source] = typer.Option(None, help="Input layout."),
-    input: Optional[str] = typer.Option(None, "--input", "-i", help="Input file or hub dataset id."),
-    subset: Optional[str] = typer.Option(None, help="Hub config / HH subset (harmless-base, ...)."),
-    split: Optional[str] = typer.Option(None, help="Hub split to read."),
-    revision: Optional[str] = typer.Option(None, help="Hub revision."),
-    columns: Optional[str] = typer.Option(None, help="Column map: prompt=q,chosen=good,rejected=bad."),
-    kind: Optional[str] = typer.Option(None, help="auto | paired | unpaired (KTO) | sft."),
-    sft: bool = typer.Option(False, "--sft", help="Make SFT records (prompt, chosen) from pairs."),
-    template: Optional[str] = typer.Option(None, help="Prompt template (tldr)."),
-    test_size: Optional[float] = typer.Option(None, help="Fraction held out as the test split."),
-    seed: Optional[int] = typer.Option(None, help="Split seed."),
-    on_error: Optional[str] = typer.Option(None, help="fail (default) | skip bad rows and count them."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Tokenizer source for length stats."),
-    max_length: Optional[int] = typer.Option(None, help="Max prompt+completion tokens."),
-    max_prompt_length: Optional[int] = typer.Option(None, help="Cut prompts to N tokens first (default: no limit)."),
-    truncation: Optional[str] = typer.Option(None, help="Over --max-length: keep_start (default, cuts the "
-                                                        "completion) | keep_end (cuts the prompt)."),
-    chat_template: Optional[str] = typer.Option(None, help="auto (default: the --model tokenizer's, if any) | none "
-                                                           "| PATH to a Jinja template."),
-    show: Optional[int] = typer.Option(None, help="Print N rendered examples to stderr."),
-    config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
-):
+@options.command(
+    Flag("data.source"), Flag("data.input", ("--input", "-i")), Flag("data.subset"), Flag("data.split"),
+    Flag("data.revision"), Flag("data.columns", parse=options.pairs("--columns")), Flag("data.kind"),
+    Flag("data.template"), Flag("data.test_size"), Flag("data.seed"), Flag("data.on_error"),
+    Flag("model.name_or_path", ("--model", "-m"), help="Tokenizer source (length stats, chat template)."),
+    *LENGTHS, Flag("data.chat_template"), Flag("data.show"), Flag("output", ("--output", "-o")),
+)
+def prep(ctx: typer.Context, sft: bool = typer.Option(False, "--sft", help="Make SFT records (prompt, chosen) "
+                                                                           "from pairs: --kind sft."),
+         config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt, **kw: Any):
     """Turn a dataset into canonical preference (or SFT / KTO) records at OUTPUT/data."""
-    _execute("prep", config, {
-        "data.source": source.value if source else None, "data.input": input, "data.subset": subset,
-        "data.split": split, "data.revision": revision, "data.columns": _columns(columns),
-        "data.kind": "sft" if sft else kind, "data.template": template, "data.test_size": test_size,
-        "data.seed": seed, "data.on_error": on_error, "model.name_or_path": model,
-        "data.max_length": max_length, "data.max_prompt_length": max_prompt_length, "data.show": show,
-        "data.truncation": truncation, "data.chat_template": chat_template, "output": output,
-    }, as_json)
-
-
-def _training_flags(**kw) -> dict[str, Any]:
-    keys = {
-        "model": "model.name_or_path", "tokenizer": "model.tokenizer", "data": "data.path",
-        "quantize": "model.quantize", "lora_r": "model.lora_r", "lora_alpha": "model.lora_alpha",
-        "lora_dropout": "model.lora_dropout", "dtype": "model.dtype",
-        "gradient_checkpointing": "model.gradient_checkpointing",
-        "max_steps": "train.max_steps", "epochs": "train.epochs", "batch_size": "train.batch_size",
-        "grad_accum": "train.grad_accum", "learning_rate": "train.learning_rate",
-        "lr_scheduler": "train.lr_scheduler", "warmup_steps": "train.warmup_steps",
-        "max_grad_norm": "train.max_grad_norm", "seed": "train.seed",
-        "logging_steps": "train.logging_steps", "save_steps": "train.save_steps",
-        "device": "train.device", "max_length": "data.max_length",
-        "max_prompt_length": "data.max_prompt_length", "truncation": "data.truncation",
-        "output": "output", "from_run": "from_run",
-        "report_to": "train.report_to", "deepspeed": "train.deepspeed",
-    }
-    flags = {keys[k]: v for k, v in kw.items() if k in keys}
-    if kw.get("lora_targets"):
-        flags["model.lora_targets"] = [t.strip() for t in kw["lora_targets"].split(",") if t.strip()]
-    if kw.get("no_lora"):
-        flags["model.lora"] = False
-    if kw.get("resume"):
-        flags["train.resume"] = True
-    if kw.get("fsdp"):
-        flags["train.fsdp"] = True
-    return flags
-
-
-_TRAIN_HELP = {
-    "model": "Base model: hub id or local path.",
-    "data": "A prep output directory.",
-}
-
-
-def _training_options(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help=_TRAIN_HELP["model"]),
-    tokenizer: Optional[str] = typer.Option(None, help="Tokenizer (default: the model's)."),
-    data: Optional[str] = typer.Option(None, "--data", help=_TRAIN_HELP["data"]),
-    from_run: Optional[str] = FromOpt,
-    quantize: Optional[str] = typer.Option(None, help="none | 4bit (QLoRA)."),
-    no_lora: bool = typer.Option(False, "--no-lora", help="Full fine-tuning (align: the reference is a frozen copy)."),
-    lora_r: Optional[int] = typer.Option(None, help="LoRA rank (default 8)."),
-    lora_alpha: Optional[float] = typer.Option(None, help="LoRA scaling α; the update is scaled by α / r "
-                                                          "(default 2 × --lora-r)."),
-    lora_dropout: Optional[float] = typer.Option(None),
-    lora_targets: Optional[str] = typer.Option(None, help="Comma-separated module names, or all-linear."),
-    dtype: Optional[str] = typer.Option(None, help="float32 | bfloat16 | float16."),
-    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
-    max_steps: Optional[int] = typer.Option(None), epochs: Optional[float] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), grad_accum: Optional[int] = typer.Option(None),
-    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", "--lr"),
-    lr_scheduler: Optional[str] = typer.Option(None), warmup_steps: Optional[int] = typer.Option(None),
-    max_grad_norm: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-    max_length: Optional[int] = typer.Option(None), max_prompt_length: Optional[int] = typer.Option(None),
-    truncation: Optional[str] = typer.Option(None, help="keep_start (default) | keep_end."),
-    logging_steps: Optional[int] = typer.Option(None), save_steps: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None), report_to: Optional[List[str]] = typer.Option(None),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in OUTPUT."),
-    fsdp: bool = typer.Option(False, "--fsdp", help="With --no-lora under torchrun: shard the model with FSDP."),
-    deepspeed: Optional[str] = typer.Option(None, "--deepspeed",
-                                            help="Under torchrun: DeepSpeed ZeRO stage 2 or 3, or a DeepSpeed JSON."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the memory plan and exit."),
-    device_memory: Optional[str] = typer.Option(None, help="With --dry-run: e.g. 80GB."),
-    config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
-):
-    """The options sft and align share; :func:`_with_training_options` gives them to both commands."""
-
-
-def _with_training_options(command: Callable) -> Callable:
-    """Append the shared training options to ``command``'s own: Typer builds a command from its
-    signature, and ``command`` receives them in ``**kw``."""
-    import inspect
-
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    shared = inspect.signature(_training_options, eval_str=True).parameters.values()
-    command.__signature__ = inspect.Signature([*own, *shared])
-    return command
-
-
-def _train(stage: str, kw: dict[str, Any], stage_flags: dict[str, Any]) -> None:
-    flags = {**_training_flags(**kw), **stage_flags}
-    if kw["dry_run"]:
-        flags["train.dry_run"] = True
-        flags["train.device_memory"] = kw["device_memory"]
-    _execute(stage, kw["config"], flags, kw["as_json"])
+    _execute_given("prep", ctx, kw, as_json, config, **({"data.kind": "sft"} if sft else {}))
 
 
 @app.command(epilog="Example: trcli sft --model EleutherAI/pythia-410m --from runs/prep --lora-r 16 --epochs 1 -o runs/sft")
-@_with_training_options
-def sft(
-    eval_steps: Optional[int] = typer.Option(None, help="Evaluate on the test split every N steps."),
-    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing"),
-    **kw: Any,
-):
+@options.command(*TRAINING, Flag("train.eval_steps"), Flag("train.packing"))
+def sft(ctx: typer.Context, config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt, **kw: Any):
     """Supervised fine-tuning on prompt -> completion (loss on completion tokens only)."""
-    _train("sft", kw, {"train.eval_steps": eval_steps, "train.packing": packing})
+    _execute_given("sft", ctx, kw, as_json, config)
 
 
 @app.command(epilog="Example: trcli align --from runs/sft --method tr-kto --update hard --tau 512 -o runs/tr-kto")
-@_with_training_options
-def align(
-    method: Optional[str] = typer.Option(None, help="dpo | ipo | kto | tr-dpo | tr-ipo | tr-kto."),
-    update: Optional[str] = typer.Option(None, help="TR reference update: soft | hard | kl."),
-    alpha: Optional[float] = typer.Option(None, help="Soft mixing weight α (default 0.6)."),
-    tau: Optional[int] = typer.Option(None, help="Optimizer steps between updates (soft 1, hard 512)."),
-    kl_target: Optional[float] = typer.Option(None, help="--update kl: hard update when KL exceeds this."),
-    beta: Optional[float] = typer.Option(None, help="β of the loss."),
-    ref_rank: Optional[int] = typer.Option(None, help="Reference adapter rank (default 2x --lora-r)."),
-    ipo_average: Optional[bool] = typer.Option(None, "--ipo-average/--ipo-sum", help="IPO on token-averaged log-ratios."),
-    desirable_weight: Optional[float] = typer.Option(None, help="KTO λ_D."),
-    undesirable_weight: Optional[float] = typer.Option(None, help="KTO λ_U."),
-    **kw: Any,
-):
+@options.command(
+    *TRAINING, Flag("align.method"), Flag("align.update"), Flag("align.alpha"), Flag("align.tau"),
+    Flag("align.kl_target"), Flag("align.beta"), Flag("align.ref_rank"),
+    Flag("align.ipo_average", ("--ipo-average/--ipo-sum",)), Flag("align.kto_desirable_weight", ("--desirable-weight",)),
+    Flag("align.kto_undesirable_weight", ("--undesirable-weight",)),
+)
+def align(ctx: typer.Context, config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt, **kw: Any):
     """Preference optimization: DPO / IPO / KTO, and their Trust Region versions."""
-    _train("align", kw, {
-        "align.method": method, "align.update": update, "align.alpha": alpha, "align.tau": tau,
-        "align.kl_target": kl_target, "align.beta": beta, "align.ref_rank": ref_rank,
-        "align.ipo_average": ipo_average, "align.kto_desirable_weight": desirable_weight,
-        "align.kto_undesirable_weight": undesirable_weight,
-    })
+    _execute_given("align", ctx, kw, as_json, config)
 
 
 @app.command(epilog="Example: trcli generate --from runs/tr-dpo --prompts runs/prep --max-new-tokens 128 -o gens/tr-dpo.jsonl")
-def generate(
-    prompts: Optional[str] = typer.Option(None, help="A prep output dir or a JSONL of {id?, prompt}."),
-    split: Optional[str] = typer.Option(None, help="Split of a prep output (default test, else train)."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Base model (default: the run's)."),
-    from_run: Optional[str] = FromOpt,
-    temperature: Optional[float] = typer.Option(None), top_p: Optional[float] = typer.Option(None),
-    max_new_tokens: Optional[int] = typer.Option(None), num_samples: Optional[int] = typer.Option(None),
-    batch_size: Optional[int] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-    limit: Optional[int] = typer.Option(None, help="Only the first N prompts."),
-    score_with: Optional[str] = typer.Option(None, help="Run dir or model: also write log-probs under it."),
-    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string (repeatable); EOS and the chat "
-                                                                 "template's end-of-turn always stop."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="1.0 = off."),
-    chat_template: Optional[str] = typer.Option(None, help="For a JSONL of raw prompts: auto (default) | none | PATH."),
-    device: Optional[str] = typer.Option(None),
-    config: Optional[Path] = ConfigOpt,
-    output: Optional[str] = typer.Option(None, "--output", "-o", help="JSONL file to append to ('-' = stdout)."),
-    as_json: bool = JsonOpt,
-):
+@options.command(
+    Flag("generate.prompts"), Flag("generate.split"), Flag("model.name_or_path", ("--model", "-m"),
+                                                           help="Base model (default: the run's)."),
+    FROM, Flag("generate.temperature"), Flag("generate.top_p"), Flag("generate.max_new_tokens"),
+    Flag("generate.num_samples"), Flag("generate.batch_size"), Flag("generate.seed"), Flag("generate.limit"),
+    Flag("generate.score_with"), Flag("generate.stop", ("--stop",), repeat=True), Flag("generate.repetition_penalty"),
+    Flag("data.chat_template", help="For a JSONL of raw prompts: auto (the tokenizer's, if any) | none | PATH."),
+    Flag("train.device"), Flag("output", ("--output", "-o"), help="JSONL file to append to ('-' = stdout)."),
+)
+def generate(ctx: typer.Context, config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt, **kw: Any):
     """Sample completions for prompts with a trained policy (appends and resumes)."""
-    _execute("generate", config, {
-        "generate.prompts": prompts, "generate.split": split, "model.name_or_path": model,
-        "from_run": from_run, "generate.temperature": temperature, "generate.top_p": top_p,
-        "generate.max_new_tokens": max_new_tokens, "generate.num_samples": num_samples,
-        "generate.batch_size": batch_size, "generate.seed": seed, "generate.limit": limit,
-        "generate.score_with": score_with, "generate.stop": stop or None,
-        "generate.repetition_penalty": repetition_penalty, "data.chat_template": chat_template,
-        "train.device": device, "output": output,
-    }, as_json)
+    _execute_given("generate", ctx, kw, as_json, config)
 
 
 @app.command(epilog="Example: trcli judge --candidate gens/tr-dpo.jsonl --baseline gens/dpo.jsonl --judge gpt-4 --task hh -o judged/"
                     "  (several runs, one leaderboard: trcli judge --combine judged/a judged/b -o board/)")
+@options.command(
+    Flag("judge.candidate"), Flag("judge.baseline"), Flag("judge.judge"), Flag("judge.base_url"),
+    Flag("judge.api_key_env"), Flag("judge.task"), Flag("judge.protocol"), Flag("judge.swap"),
+    Flag("judge.unparseable"), Flag("judge.concurrency"), Flag("judge.timeout"), Flag("judge.max_retries"),
+    Flag("judge.max_cost_usd"), Flag("judge.dry_run", ("--dry-run",)), Flag("judge.min_win_rate"),
+    Flag("judge.cache_dir"), Flag("judge.seed"), Flag("judge.temperature"), Flag("judge.max_tokens"),
+    Flag("judge.bootstrap"), Flag("output", ("--output", "-o")),
+)
 def judge(
+    ctx: typer.Context,
     runs: Optional[List[str]] = typer.Argument(None, help="With --combine: judge run directories sharing a baseline."),
     combine: bool = typer.Option(False, "--combine", help="One Bradley-Terry leaderboard over the judge runs given."),
-    candidate: Optional[str] = typer.Option(None, help="Candidate generations (JSONL)."),
-    baseline: Optional[str] = typer.Option(None, help="Baseline generations (JSONL)."),
-    judge: Optional[str] = typer.Option(None, "--judge", help="gpt-4 (any model on --base-url), rm:PATH or hf:PATH."),
-    base_url: Optional[str] = typer.Option(None, help="OpenAI-compatible endpoint."),
-    api_key_env: Optional[str] = typer.Option(None, help="Environment variable holding the API key."),
-    task: Optional[str] = typer.Option(None, help="hh | tldr | generic."),
-    protocol: Optional[str] = typer.Option(None, help="pairwise | hc (1-10 ratings per criterion) | alpacaeval "
-                                                      "(AlpacaEval 2 style) | arena (Arena-Hard-Auto style)."),
-    swap: Optional[bool] = typer.Option(None, "--swap/--no-swap", help="Judge both orders."),
-    unparseable: Optional[str] = typer.Option(None, help="exclude | tie | loss."),
-    concurrency: Optional[int] = typer.Option(None), timeout: Optional[float] = typer.Option(None),
-    max_retries: Optional[int] = typer.Option(None),
-    max_cost_usd: Optional[float] = typer.Option(None, help="Stop before spending more."),
-    dry_run: Optional[bool] = typer.Option(None, "--dry-run", help="Count the requests, send none."),
-    min_win_rate: Optional[float] = typer.Option(None, help="Exit 3 if the win rate is below this."),
-    cache_dir: Optional[str] = typer.Option(None), seed: Optional[int] = typer.Option(None),
-    temperature: Optional[float] = typer.Option(None, help="Judge sampling temperature (default 0)."),
-    max_tokens: Optional[int] = typer.Option(None, help="Max tokens of a judge answer (default 256; arena 4096)."),
-    bootstrap: Optional[int] = typer.Option(None, help="Bootstrap resamples for the 95% CI."),
-    config: Optional[Path] = ConfigOpt, output: Optional[str] = OutputOpt, as_json: bool = JsonOpt,
+    config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt, **kw: Any,
 ):
     """Win rate of candidate over baseline by an LLM judge or a reward model."""
     if runs and not combine:
         raise typer.BadParameter("run directories are taken only with --combine", param_hint="RUNS")
     if combine and not runs:
         raise typer.BadParameter("--combine needs judge run directories", param_hint="RUNS")
-    _execute("judge", config, {
-        "judge.candidate": candidate, "judge.baseline": baseline, "judge.judge": judge,
-        "judge.base_url": base_url, "judge.api_key_env": api_key_env, "judge.task": task,
-        "judge.protocol": protocol, "judge.swap": swap, "judge.unparseable": unparseable,
-        "judge.concurrency": concurrency, "judge.timeout": timeout, "judge.max_retries": max_retries,
-        "judge.max_cost_usd": max_cost_usd, "judge.dry_run": dry_run, "judge.min_win_rate": min_win_rate,
-        "judge.cache_dir": cache_dir, "judge.seed": seed, "judge.temperature": temperature,
-        "judge.max_tokens": max_tokens, "judge.bootstrap": bootstrap, "judge.combine": runs or None,
-        "output": output,
-    }, as_json)
+    _execute_given("judge", ctx, kw, as_json, config, **({"judge.combine": runs} if runs else {}))
 
 
 @app.command(epilog="Example: trcli tiny .demo/model  (then: trcli tiny .demo/rm --reward)")

@@ -43,20 +43,20 @@ class Section(BaseModel):
 class ModelConfig(Section):
     name_or_path: str | None = Field(None, description="Base model: hub id or local path.")
     tokenizer: str | None = Field(None, description="Tokenizer path; defaults to the model.")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights' dtype (adapters train in float32).")
     quantize: Literal["none", "4bit"] = Field("none", description="4bit = QLoRA (NF4 via bitsandbytes).")
     lora: bool = Field(True, description="Train LoRA adapters (false = full fine-tuning).")
     lora_r: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: float | None = Field(
         None, gt=0, description="LoRA scaling numerator (the update is scaled by lora_alpha / lora_r); "
                                 "default 2 x lora_r, the recipes' rule (16 for r 8, 32 for r 16).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input.")
     lora_targets: list[str] = Field(
         default_factory=lambda: ["all-linear"],
-        description="Module names to adapt, or ['all-linear'].",
+        description="Module names to adapt (comma-separated on the command line), or all-linear.",
     )
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% slower).")
+    trust_remote_code: bool = Field(False, description="Run a model's own modelling code from the hub.")
 
     @model_validator(mode="after")
     def _alpha_follows_rank(self) -> "ModelConfig":
@@ -71,18 +71,19 @@ class DataConfig(Section):
         "auto", description="Input layout; auto: a local file in the format its suffix names (jsonl if none).")
     input: str | None = Field(None, description="Input file or hub dataset id (prep).")
     subset: str | None = Field(None, description="Hub config / HH subset, e.g. harmless-base.")
-    split: str | None = None
-    revision: str | None = None
+    split: str | None = Field(None, description="Hub split to read.")
+    revision: str | None = Field(None, description="Hub revision.")
     columns: dict[str, str] = Field(
-        default_factory=dict, description="Canonical field -> source column, e.g. {prompt: q}."
+        default_factory=dict, description="Canonical field -> source column, e.g. {prompt: q} (on the command line: "
+                                          "prompt=q,chosen=good,rejected=bad)."
     )
     kind: Literal["auto", "paired", "unpaired", "sft"] = Field(
         "auto", description="Record kind to produce: paired preferences, unpaired (KTO) or SFT."
     )
     template: str | None = Field(None, description="Prompt template (tldr), with {subreddit} {title} {post}.")
-    test_size: float = Field(0.0, ge=0, lt=1)
-    seed: int = 42
-    on_error: Literal["fail", "skip"] = "fail"
+    test_size: float = Field(0.0, ge=0, lt=1, description="Fraction held out as the test split.")
+    seed: int = Field(42, description="Split seed.")
+    on_error: Literal["fail", "skip"] = Field("fail", description="A bad row: fail, or skip it and count it.")
     path: str | None = Field(None, description="A prep output directory to train / generate from.")
     max_length: int = Field(512, ge=8, description="Max prompt+completion tokens.")
     max_prompt_length: int | None = Field(
@@ -96,29 +97,29 @@ class DataConfig(Section):
 
 class TrainConfig(Section):
     max_steps: int = Field(-1, description="Optimizer steps; -1 = run `epochs` epochs.")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, description="Epochs over the train split (when max_steps is -1).")
     batch_size: int = Field(4, ge=1, description="Examples (pairs) per micro-batch.")
-    grad_accum: int = Field(1, ge=1)
-    learning_rate: float = Field(5e-5, gt=0)
-    lr_scheduler: Literal["constant", "linear", "cosine"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    seed: int = 42
-    logging_steps: int = Field(10, ge=1)
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("linear", description="Decay after warm-up.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed of the shuffling, dropout and adapter initialisation.")
+    logging_steps: int = Field(10, ge=1, description="A metrics line every N optimizer steps.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps; 0 = only at the end.")
-    eval_steps: int = Field(0, ge=0)
-    packing: bool = False
+    eval_steps: int = Field(0, ge=0, description="sft: evaluate on the test split every N steps (0: at the end).")
+    packing: bool = Field(False, description="sft: several examples per row, each attending only to itself.")
     logps_chunk: int = Field(
         256, ge=0, description="Log-probs from hidden states this many positions of logits at a time "
         "(memory ~ chunk x vocabulary, not tokens x vocabulary); 0 = all logits at once.")
-    resume: bool = False
-    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    resume: bool = Field(False, description="Continue from the latest checkpoint in the output directory.")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Also log to (repeatable).")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, ...")
-    fsdp: bool = Field(False, description="Shard full fine-tuning with FSDP across the launched processes.")
-    deepspeed: str | None = Field(None, description="DeepSpeed ZeRO across the launched processes: 2, 3 or a JSON file.")
+    fsdp: bool = Field(False, description="With full fine-tuning under torchrun: shard the model with FSDP.")
+    deepspeed: str | None = Field(None, description="Under torchrun: DeepSpeed ZeRO stage 2 or 3, or a DeepSpeed JSON.")
     dry_run: bool = Field(False, description="Print the memory plan and exit.")
-    device_memory: str | None = Field(None, description="Device memory for the plan, e.g. 80GB.")
+    device_memory: str | None = Field(None, description="With dry_run: the device memory to plan for, e.g. 80GB.")
 
     @field_validator("deepspeed", mode="before")
     @classmethod
@@ -127,16 +128,18 @@ class TrainConfig(Section):
 
 
 class AlignConfig(Section):
-    method: Literal["dpo", "ipo", "kto", "tr-dpo", "tr-ipo", "tr-kto"] = "tr-dpo"
-    update: Literal["soft", "hard", "kl"] = "soft"
-    alpha: float | None = Field(None, description="Mixing weight; soft default 0.6, hard = 1.")
-    tau: int | None = Field(None, description="Optimizer steps between updates; soft 1, hard 512.")
+    method: Literal["dpo", "ipo", "kto", "tr-dpo", "tr-ipo", "tr-kto"] = Field(
+        "tr-dpo", description="The loss; tr-* also move the reference during training.")
+    update: Literal["soft", "hard", "kl"] = Field("soft", description="TR reference update: soft (mix), hard (copy every tau), "
+                                                                     "kl (copy when KL exceeds kl_target).")
+    alpha: float | None = Field(None, description="Soft mixing weight α (default 0.6; hard and kl copy: 1).")
+    tau: int | None = Field(None, description="Optimizer steps between updates (default: soft 1, hard 512).")
     kl_target: float | None = Field(None, gt=0, description="update=kl: hard update when KL exceeds it.")
-    beta: float = Field(0.1, gt=0)
+    beta: float = Field(0.1, gt=0, description="β of the loss.")
     ref_rank: int | None = Field(None, ge=1, description="Reference adapter rank; default 2x lora_r.")
     ipo_average: bool = Field(True, description="IPO on per-token-averaged log-ratios (IPO paper).")
-    kto_desirable_weight: float = Field(1.0, gt=0)
-    kto_undesirable_weight: float = Field(1.0, gt=0)
+    kto_desirable_weight: float = Field(1.0, gt=0, description="KTO λ_D.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="KTO λ_U.")
 
     @property
     def trust_region(self) -> bool:
@@ -171,41 +174,44 @@ class AlignConfig(Section):
 
 class GenerateConfig(Section):
     prompts: str | None = Field(None, description="A prep output dir or a JSONL of {id?, prompt}.")
-    split: str = "test"
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(128, ge=1)
-    num_samples: int = Field(1, ge=1)
-    batch_size: int = Field(8, ge=1)
-    seed: int = 42
+    split: str = Field("test", description="Split of a prep output (train if it has no test split).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0: greedy).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling.")
+    max_new_tokens: int = Field(128, ge=1, description="Tokens per completion at most.")
+    num_samples: int = Field(1, ge=1, description="Completions per prompt.")
+    batch_size: int = Field(8, ge=1, description="Prompts per batch.")
+    seed: int = Field(42, description="Sampling seed (per prompt id: resumes are identical).")
     limit: int | None = Field(None, ge=1, description="Only the first N prompts.")
     score_with: str | None = Field(None, description="Run dir or model to score completions against.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings (besides EOS and the end-of-turn token).")
-    repetition_penalty: float = Field(1.0, gt=0)
+    stop: list[str] = Field(default_factory=list, description="Stop string (repeatable); EOS and the chat template's "
+                                                                 "end-of-turn always stop.")
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0 = off.")
 
 
 class JudgeConfig(Section):
     judge: str = Field("gpt-4", description="Model name on an OpenAI-compatible endpoint, rm:PATH or hf:PATH.")
-    candidate: str | None = None
-    baseline: str | None = None
-    base_url: str = "https://api.openai.com/v1"
-    api_key_env: str = "OPENAI_API_KEY"
-    task: Literal["hh", "tldr", "generic"] = "generic"
-    protocol: Literal["pairwise", "hc", "alpacaeval", "arena"] = "pairwise"
-    swap: bool = False
-    unparseable: Literal["exclude", "tie", "loss"] = "exclude"
-    concurrency: int = Field(4, ge=1)
-    timeout: float = Field(60.0, gt=0)
-    max_retries: int = Field(5, ge=0)
-    temperature: float = Field(0.0, ge=0)
+    candidate: str | None = Field(None, description="Candidate generations (JSONL).")
+    baseline: str | None = Field(None, description="Baseline generations (JSONL).")
+    base_url: str = Field("https://api.openai.com/v1", description="OpenAI-compatible endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    task: Literal["hh", "tldr", "generic"] = Field("generic", description="The judge prompt's task.")
+    protocol: Literal["pairwise", "hc", "alpacaeval", "arena"] = Field(
+        "pairwise", description="pairwise | hc (1-10 ratings per criterion) | alpacaeval (AlpacaEval 2 style) | "
+                                "arena (Arena-Hard-Auto style).")
+    swap: bool = Field(False, description="Judge both orders.")
+    unparseable: Literal["exclude", "tie", "loss"] = Field("exclude", description="What an unreadable verdict counts as.")
+    concurrency: int = Field(4, ge=1, description="Requests in flight.")
+    timeout: float = Field(60.0, gt=0, description="Seconds per request.")
+    max_retries: int = Field(5, ge=0, description="Retries of a failed request.")
+    temperature: float = Field(0.0, ge=0, description="Judge sampling temperature.")
     max_tokens: int | None = Field(None, ge=1, description="Default: 256; 4096 for --protocol arena; "
                                                             "--protocol alpacaeval always asks for 1.")
-    max_cost_usd: float | None = Field(None, ge=0)
-    dry_run: bool = False
-    min_win_rate: float | None = Field(None, ge=0, le=1)
+    max_cost_usd: float | None = Field(None, ge=0, description="Stop before spending more.")
+    dry_run: bool = Field(False, description="Count the requests, send none.")
+    min_win_rate: float | None = Field(None, ge=0, le=1, description="Exit 3 if the win rate is below this.")
     cache_dir: str | None = Field(None, description="Default: ~/.cache/trcli/judge.")
-    seed: int = 42
-    bootstrap: int = Field(1000, ge=0)
+    seed: int = Field(42, description="Seed of which reply is shown first, and of the bootstrap.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the 95% CI.")
     combine: list[str] = Field(default_factory=list, description="Judge run directories sharing a baseline: "
                                                                   "one Bradley-Terry leaderboard (judge --combine).")
 
