@@ -10,9 +10,11 @@ from __future__ import annotations
 import copy
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from trcli import hub
 from trcli.config import Config, ModelConfig
 from trcli.errors import UsageError
 from trcli.trust_region import POLICY, REFERENCE, copy_adapter, lora_layers, update_lora_reference
@@ -32,10 +34,22 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _hub_error(name: str, exc: Exception) -> UsageError:
-    local = Path(name).exists()
-    hint = "" if local else " (not a local path; is the hub reachable? set HF_HUB_OFFLINE=1 and use a local copy)"
-    return UsageError(f"cannot load model '{name}': {exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}{hint}")
+def _from_pretrained(load: Callable, name: str, offline_kwargs: dict | None = None, **kwargs):
+    """``load(name, **kwargs)``, any failure one line. With the hub unreachable, from the local cache only
+    (``local_files_only`` and ``offline_kwargs``; trcli.hub: the hub's retries took ~50 s to fail) or a
+    line that says so."""
+    offline = hub.unreachable(name)
+    if offline:
+        kwargs.update(local_files_only=True, **(offline_kwargs or {}))
+    try:
+        return load(name, **kwargs)
+    except Exception as exc:  # OSError offline, ValueError for a wrong directory
+        if offline:
+            raise UsageError(f"cannot load model '{name}': {offline} and the local cache has no copy: pass a local "
+                             "path, or set HF_ENDPOINT=URL for a mirror (HF_HUB_OFFLINE=1 skips the hub)") from None
+        hint = "" if Path(name).exists() else " (not a local path)"
+        raise UsageError(f"cannot load model '{name}': {exc.__class__.__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:200]}{hint}") from None
 
 
 NO_MODEL = "no base model: pass --model (hub id or local path) or --from a run that had one"
@@ -46,10 +60,7 @@ def load_tokenizer(name: str | None):
 
     if not name:
         raise UsageError(NO_MODEL)
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-    except Exception as exc:  # OSError offline, ValueError for a wrong directory
-        raise _hub_error(name, exc) from None
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, name)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -72,10 +83,8 @@ def load_base(model_cfg: ModelConfig, device: torch.device, path: str | None = N
             bnb_4bit_compute_dtype=compute)
         kwargs["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
     cls = AutoModelForSequenceClassification if task == "reward" else AutoModelForCausalLM
-    try:
-        model = cls.from_pretrained(name, **kwargs)
-    except Exception as exc:
-        raise _hub_error(name, exc) from None
+    # transformers does not pass local_files_only on to its lookup of an adapter in the model's folder
+    model = _from_pretrained(cls.from_pretrained, name, {"adapter_kwargs": {"local_files_only": True}}, **kwargs)
     if model_cfg.quantize != "4bit":
         model.to(device)
     if model_cfg.gradient_checkpointing:

@@ -1,6 +1,13 @@
 """The command line as a citizen of the shell: help, config resolution, exit codes, stdout."""
 
+import http.server
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import yaml
@@ -77,6 +84,70 @@ def test_offline_hub_model_is_a_clear_error(tmp_path, prep_run):
                      env={"HF_HUB_OFFLINE": "1"})
     assert result.exit_code == 2 and "cannot load model 'EleutherAI/pythia-410m'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def _hub_env(tmp_path, endpoint: str) -> dict:
+    """A fresh process that may go online: the offline switches the tests set are off, an empty HF cache."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    return {**env, "HF_ENDPOINT": endpoint, "HF_HOME": str(tmp_path / "hf")}
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:  # bound, then closed: nothing listens there, connecting is refused
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("args, kind", [
+    (["sft", "--model", "someorg/some-model"], "model"),
+    (["prep", "--source", "hub", "--input", "someorg/some-data"], "dataset"),
+])
+def test_an_unreachable_hub_fails_at_once_naming_the_id(tmp_path, prep_run, args, kind):
+    """huggingface_hub retries a refused connection 5 times per file (1 + 2 + 4 + 8 + 8 s): 25-50 s before."""
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    if args[0] == "sft":
+        args = [*args, "--from", str(prep_run)]
+    start = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "trcli.cli", *args, "-o", str(tmp_path / "run")],
+                         env=_hub_env(tmp_path, endpoint), capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert run.returncode == 2 and run.stdout == "", run.stderr[-2000:]
+    [line] = run.stderr.strip().splitlines()
+    assert f"cannot load {kind} '{args[2] if kind == 'model' else args[4]}'" in line
+    assert f"hub at {endpoint} is unreachable" in line and "HF_HUB_OFFLINE=1" in line and "HF_ENDPOINT" in line
+    assert elapsed < 20, elapsed  # the process's imports and one refused connection; the first retry sleeps 23 s
+
+
+class _NotFound(http.server.BaseHTTPRequestHandler):
+    """A hub that answers, and has nothing."""
+
+    def do_HEAD(self):
+        self.server.paths.append(self.path)
+        self.send_response(404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_reachable_hub_is_asked_as_before(tmp_path, prep_run):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotFound)
+    server.paths = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        run = subprocess.run([sys.executable, "-m", "trcli.cli", "sft", "--model", "someorg/some-model", "--from",
+                              str(prep_run), "-o", str(tmp_path / "run")],
+                             env=_hub_env(tmp_path, f"http://127.0.0.1:{server.server_port}"),
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+    assert run.returncode == 2 and "cannot load model 'someorg/some-model'" in run.stderr
+    assert "unreachable" not in run.stderr
+    assert any(path.startswith("/someorg/some-model/") for path in server.paths), server.paths  # the repo was asked
 
 
 def test_lora_alpha_defaults_to_twice_the_rank(tmp_path, tiny_model, prep_run):

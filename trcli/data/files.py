@@ -237,6 +237,11 @@ def read_hub(name: str, subset: str | None, split: str | None, revision: str | N
     With ``split`` that split is read, as 'train'. Otherwise ``splits`` maps the dataset's split
     names to 'train' / 'test' (default: train, and test or else validation); others are skipped.
     """
+    from trcli import hub
+
+    if offline := hub.unreachable(name):  # without asking: the hub's retries took ~25 s to fail
+        raise DataError(f"cannot load dataset '{name}': {offline}: pass a local file with --input, set "
+                        "HF_HUB_OFFLINE=1 to use the local cache's copy, or HF_ENDPOINT=URL for a mirror")
     import datasets
 
     try:
