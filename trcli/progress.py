@@ -45,12 +45,13 @@ class Progress:
     """``with Progress("trcli judge", total, "items") as p: ... p.advance()``; advance() may be
     called from any thread.
 
+    ``total``: None when it is not known ahead (the rows of a file being read): counts and rates, no ETA.
     ``start``: units done before (a resumed run); rates and the ETA count the work done here.
     ``seconds_per``: show the rate as seconds per unit (training steps) rather than units per second.
     ``every``: seconds between plain lines when no line was asked for (None: PLAIN_EVERY).
     ``enabled``: False shows nothing (e.g. on every rank but the first)."""
 
-    def __init__(self, label: str, total: int, unit: str = "items", stream=None, tty: bool | None = None,
+    def __init__(self, label: str, total: int | None, unit: str = "items", stream=None, tty: bool | None = None,
                  start: int = 0, seconds_per: bool = False, every: float | None = None, enabled: bool = True):
         self.label, self.total, self.unit, self.seconds_per = label, total, unit, seconds_per
         self.stream = stream if stream is not None else sys.stderr
@@ -64,7 +65,7 @@ class Progress:
         self._bar = self._thread = None
         if tty is None:
             tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        if total <= 0 or not enabled or verbosity.quiet():
+        if (total is not None and total <= 0) or not enabled or verbosity.quiet():
             return
         if tty:
             self._bar = self._rich()
@@ -138,16 +139,17 @@ class Progress:
         with self._lock:
             now = time.monotonic()
             elapsed = now - self.start
+            count = f"{self.done} {self.unit}" if self.total is None else f"{self.done}/{self.total} {self.unit}"
             if final:
-                text = (f"{self.label}: {self.done}/{self.total} {self.unit} in {duration(elapsed)}, "
-                        f"{self._stats(elapsed)}")
+                text = f"{self.label}: {count} in {duration(elapsed)}, {self._stats(elapsed)}"
+            elif self.total is None:  # no share done, no ETA
+                text = f"{self.label}: {count}, {self._stats(elapsed)}"
             else:
                 per_second = (self.done - self.first) / elapsed if elapsed > 0 else 0.0
                 eta = duration((self.total - self.done) / per_second) if per_second > 0 else "unknown"
-                text = (f"{self.label}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), "
-                        f"{self._stats(elapsed)}, ETA {eta}")
-                if note:
-                    text += f", {note}"
+                text = f"{self.label}: {count} ({100 * self.done / self.total:.0f}%), {self._stats(elapsed)}, ETA {eta}"
+            if note and not final:
+                text += f", {note}"
             print(text, file=self.stream, flush=True)
             self.lines += 1
             self._last = now

@@ -63,6 +63,37 @@ def test_generate_logs_completions_with_eta(tmp_path, sft_run, monkeypatch):
     assert lines[-1].startswith("trcli generate: 4/4 completions in ")
 
 
+def test_prep_logs_rows_read_and_records_tokenized(tmp_path, tiny_model, monkeypatch):
+    """Not a terminal: reading a large input (how many rows is not known ahead: a count and a rate) and
+    tokenizing it for the length report (done / total, ETA) print lines, each with a last one."""
+    from trcli import progress
+    from trcli.tiny import write_sample_jsonl
+
+    monkeypatch.setattr(progress, "PLAIN_EVERY", 0.05)
+    advance = progress.Progress.advance
+
+    def slow_advance(self, n=1, tokens=0):  # 60 rows outlast the cadence on any machine
+        time.sleep(0.004)
+        advance(self, n, tokens)
+
+    monkeypatch.setattr(progress.Progress, "advance", slow_advance)
+    pairs = write_sample_jsonl(tmp_path / "pairs.jsonl", n=60)
+    result = ok("prep", "--input", pairs, "--model", tiny_model, "-o", tmp_path / "prep", "--json")
+    records = json.loads(result.stdout)["rows_out"]  # stdout: the result only
+    lines = result.stderr.splitlines()
+    assert lines and all(line.startswith(("trcli prep: read: ", "trcli prep: tokenize: ")) for line in lines), lines
+    read = [line for line in lines if line.startswith("trcli prep: read: ")]
+    assert all(re.fullmatch(r"trcli prep: read: \d+ rows, [\d.]+ rows/s", line) for line in read[:-1]) and read[:-1]
+    assert re.fullmatch(r"trcli prep: read: 60 rows in \d+s, [\d.]+ rows/s", read[-1])
+    tokenized = [line for line in lines if line.startswith("trcli prep: tokenize: ")]
+    assert tokenized[:-1] and all(re.fullmatch(
+        rf"trcli prep: tokenize: \d+/{records} records \(\d+%\), [\d.]+ records/s, \d+ tokens/s, ETA \S+", line)
+        for line in tokenized[:-1]), tokenized
+    assert re.fullmatch(rf"trcli prep: tokenize: {records}/{records} records in \d+s, [\d.]+ records/s, \d+ tokens/s",
+                        tokenized[-1])
+    assert lines.index(read[-1]) < lines.index(tokenized[0])
+
+
 def test_quiet_is_errors_only_and_excludes_verbose(tmp_path, sft_run, prep_run):
     args = ["align", "--from", sft_run, "--max-steps", "2", "--batch-size", "4", "--logging-steps", "1"]
     quiet = ok("-q", *args, "-o", tmp_path / "run", "--json")
