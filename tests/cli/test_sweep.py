@@ -90,6 +90,20 @@ def test_sweep_runs_every_cell_judges_it_and_resumes_where_it_stopped(tmp_path, 
     assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/align/policy/*")} == before
 
 
+def test_cells_side_by_side_say_whose_lines_they_are(tmp_path, sft_run, prep_run):
+    path = study(tmp_path, sft_run, prep_run, None, **{"align.method": ["dpo", "ipo"]})
+    body = yaml.safe_load(path.read_text())
+    body["set"]["train.logging_steps"] = 1  # a progress line per step from each cell
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    result = ok("sweep", "-c", path, "-o", tmp_path / "s", "--max-parallel", "2", "--json")
+    assert json.loads(result.stdout)["completed"] == 2
+    lines = result.stderr.splitlines()
+    for cell in ("method-dpo", "method-ipo"):
+        steps = [line for line in lines if line.startswith(f"[cell {cell}] trcli align: ")]
+        assert [line.split(" steps")[0].rsplit(" ", 1)[-1] for line in steps if ", loss " in line] == ["1/2", "2/2"]
+    assert not [line for line in lines if line.startswith("trcli ")], result.stderr  # none without its cell
+
+
 def test_submitit_launcher_runs_cells_as_jobs(tmp_path, sft_run, prep_run):
     pytest.importorskip("submitit")
     path = study(tmp_path, sft_run, prep_run, None, **{"align.method": ["tr-dpo"], "align.alpha": [0.5]})

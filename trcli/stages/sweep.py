@@ -23,11 +23,13 @@ judge from its cache).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -106,10 +108,24 @@ def cells(study: Study, study_path: str | Path) -> list[dict]:
     return out
 
 
-def _trcli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """One trcli command in a child process: its stdout captured (the result), stderr passed on."""
-    return subprocess.run([sys.executable, "-m", "trcli.cli", *map(str, args)], stdout=subprocess.PIPE,
-                          text=True, env=env)
+def _trcli(*args: str, label: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """One trcli command in a child process: its stdout captured (the result), its stderr passed on line
+    by line, each line prefixed "[label] ": cells side by side interleave their progress in one log."""
+    with subprocess.Popen([sys.executable, "-m", "trcli.cli", *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, errors="replace", env=env) as child:
+        def relay():
+            for line in child.stderr:
+                sys.stderr.write(f"[{label}] " + line.removesuffix("\n") + "\n")
+
+        relaying = threading.Thread(target=relay, daemon=True)
+        relaying.start()
+        try:
+            stdout = child.stdout.read()
+        except BaseException:  # interrupted (SIGINT / SIGTERM): the child goes too, as with subprocess.run
+            child.kill()
+            raise
+        relaying.join()
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout)
 
 
 def _completed(run_dir: Path) -> bool:
@@ -127,18 +143,19 @@ def run_cell(cell_dir: str, from_run: str, generate: bool, baseline: str | None,
     if device is not None:
         env["CUDA_VISIBLE_DEVICES"] = device
     cfg = ["-c", str(cell / "cell.yaml")]
+    trcli = functools.partial(_trcli, label=f"cell {cell.name}", env=env)
     align = cell / "align"
     if not _completed(align):
         resume = ["--resume"] if any(align.glob("checkpoint-*")) else []
-        if _trcli("align", *cfg, "--from", from_run, *resume, "-o", align, env=env).returncode:
+        if trcli("align", *cfg, "--from", from_run, *resume, "-o", align).returncode:
             return {"status": "failed", "stage": "align"}
     gens = cell / "generations.jsonl"
     if generate and not (cell / "generations.done").exists():
-        if _trcli("generate", *cfg, "--from", align, "-o", gens, env=env).returncode:
+        if trcli("generate", *cfg, "--from", align, "-o", gens).returncode:
             return {"status": "failed", "stage": "generate"}
         write_text(cell / "generations.done", "")
     if baseline is not None and not _completed(cell / "judge"):
-        if _trcli("judge", *cfg, "--candidate", gens, "--baseline", baseline, "-o", cell / "judge", env=env).returncode:
+        if trcli("judge", *cfg, "--candidate", gens, "--baseline", baseline, "-o", cell / "judge").returncode:
             return {"status": "failed", "stage": "judge"}
     return {"status": "completed"}
 
@@ -176,7 +193,8 @@ def run(study_path: str, output: str, dry_run: bool = False, max_parallel: int =
             tmp = Path(output) / ".plans" / f"{cell['name']}.yaml"
             tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(yaml.safe_dump(cell["config"]), encoding="utf-8")
-            done = _trcli("align", "-c", tmp, "--from", study.from_run, "--dry-run", "--json")
+            done = _trcli("align", "-c", tmp, "--from", study.from_run, "--dry-run", "--json",
+                          label=f"cell {cell['name']}")
             plans.append({"cell": cell["name"], "settings": cell["settings"],
                           "plan": json.loads(done.stdout) if done.returncode == 0 and done.stdout.strip() else None})
         return {"sweep": str(output), "cells": len(todo), "dry_run": True, "plans": plans}
@@ -191,7 +209,8 @@ def run(study_path: str, output: str, dry_run: bool = False, max_parallel: int =
             baseline = str(root / "baseline.jsonl")
             if not (root / "baseline.done").exists():
                 write_text(root / "baseline.yaml", yaml.safe_dump({"generate": study.generate}))
-                if _trcli("generate", "-c", root / "baseline.yaml", "--from", study.from_run, "-o", baseline).returncode:
+                if _trcli("generate", "-c", root / "baseline.yaml", "--from", study.from_run, "-o", baseline,
+                          label="baseline").returncode:
                     raise UsageError(f"{study_path}: generating the baseline from {study.from_run} failed (see above)")
                 write_text(root / "baseline.done", "")
     for cell in todo:
