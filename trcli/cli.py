@@ -283,13 +283,12 @@ def pretrained(
     from trcli.errors import UsageError
     from trcli.pretrained import smollm2
 
-    try:
+    def call():
         if name != "smollm2":
             raise UsageError(f"unknown model '{name}' (known: smollm2)")
         print(smollm2(output))
-    except TrcliError as err:
-        print(f"trcli pretrained: error: {err}", file=verbosity.errors())
-        raise typer.Exit(err.exit_code) from None
+
+    _guarded("pretrained", call)
 
 
 @config_app.command("show", epilog="Example: trcli config show -c recipes/pythia-2.8b-hh-tr-dpo.yaml --json")
@@ -297,12 +296,7 @@ def config_show(config: Optional[Path] = ConfigOpt, as_json: bool = JsonOpt):
     """Print the resolved config (defaults < recipe < TRCLI_* env) as YAML, or JSON."""
     import yaml
 
-    try:
-        cfg = config_mod.load(config)
-    except TrcliError as err:
-        print(f"trcli config: error: {err}", file=verbosity.errors())
-        raise typer.Exit(err.exit_code) from None
-    data = config_mod.dump(cfg)
+    data = config_mod.dump(_guarded("config", lambda: config_mod.load(config)))
     sys.stdout.write(json.dumps(data, indent=2) + "\n" if as_json else yaml.safe_dump(data, sort_keys=False))
 
 

@@ -58,6 +58,11 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory, ~30% slower).")
     trust_remote_code: bool = Field(False, description="Run a model's own modelling code from the hub.")
 
+    def check_trainable(self) -> None:
+        """What training (and its memory plan) refuses: 4-bit weights take no full fine-tuning."""
+        if self.quantize == "4bit" and not self.lora:
+            raise ConfigError("model.quantize=4bit needs LoRA (QLoRA); drop --no-lora")
+
     @model_validator(mode="after")
     def _alpha_follows_rank(self) -> "ModelConfig":
         """lora_alpha not given: 2 x lora_r, resolved here once (so `--lora-r 16` trains at alpha 32)."""

@@ -200,10 +200,12 @@ def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None
     set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
-def check_batch_size(batch_size: int) -> None:
-    if batch_size % world_size():
+def check_batch_size(batch_size: int, processes: int | None = None) -> None:
+    """The global micro-batch splits evenly over the processes (this launch's, or ``processes``)."""
+    processes = world_size() if processes is None else processes
+    if batch_size % processes:
         raise UsageError(f"--batch-size {batch_size} is the global micro-batch and must divide by the "
-                         f"{world_size()} processes")
+                         f"{processes} processes")
 
 
 def shard(batch: list, weight: Callable[[list], float] = len) -> tuple[list, float]:

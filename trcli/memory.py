@@ -380,29 +380,31 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * {"k": 1 << 10, "m": 1 << 20, "g": GIB, "t": 1 << 40}[unit])
 
 
+def adapter_rank(adapter: str | None, default: int) -> int:
+    """The rank of a PEFT adapter folder (an SFT run's, which align's policy continues), else ``default``."""
+    if adapter and (Path(adapter) / "adapter_config.json").is_file():
+        return json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+    return default
+
+
 def _upstream_rank(cfg: Config) -> int:
     """The LoRA rank align will really use: the SFT adapter's, when --from hands one over."""
     if cfg.from_run:
         from trcli.runs import upstream
 
-        adapter = upstream(cfg.from_run).get("adapter")
-        if adapter and (Path(adapter) / "adapter_config.json").is_file():
-            return json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+        return adapter_rank(upstream(cfg.from_run).get("adapter"), cfg.model.lora_r)
     return cfg.model.lora_r
 
 
 def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | None = None) -> dict:
     """The memory plan: rows of (item, bytes, note) and the peak, per device (``deepspeed``: its config)."""
-    from trcli import zero
+    from trcli import distributed, zero
     from trcli.trust_region import Schedule
 
     shape = model_shape(cfg.model.name_or_path, cfg.model.trust_remote_code)
     m, t, align = cfg.model, cfg.train, cfg.align
-    if m.quantize == "4bit" and not m.lora:
-        raise UsageError("model.quantize=4bit needs LoRA (QLoRA); drop --no-lora")
-    if t.batch_size % world_size:
-        raise UsageError(f"--batch-size {t.batch_size} is the global micro-batch; it must divide by the "
-                         f"{world_size} processes")
+    m.check_trainable()
+    distributed.check_batch_size(t.batch_size, world_size)
     dtype = DTYPE_BYTES[m.dtype]
     schedule = Schedule.from_config(align) if stage == "align" else Schedule()
     pairs = stage == "align" and align.loss != "kto"
@@ -428,7 +430,7 @@ def estimate(cfg: Config, stage: str, world_size: int = 1, deepspeed: dict | Non
         grad_bytes = 4
         rows.append(("policy adapter (fp32)", trainable * 4, f"rank {rank}, {trainable / 1e6:.1f}M parameters"))
         if stage == "align":
-            ref_rank = align.ref_rank or (2 * rank if schedule.mode == "soft" else rank)
+            ref_rank = schedule.reference_rank(align.ref_rank, rank)
             rows.append(("reference adapter (fp32)", shape.lora_params(ref_rank, m.lora_targets) * 4,
                          f"rank {ref_rank}"))
             if schedule.mode != "none":

@@ -176,14 +176,13 @@ def build_for_training(cfg: Config, device: torch.device, start: dict, reference
     ``start`` is what the upstream run handed over: ``adapter`` (LoRA SFT) or ``weights`` (full).
     Returns (model, reference_model_or_None); in LoRA mode the reference is an adapter of model.
     """
+    cfg.model.check_trainable()
     base = load_base(cfg.model, device, path=start.get("weights"))
     if not cfg.model.lora:
         if start.get("adapter"):  # full fine-tuning from a LoRA SFT: start from the merged weights
             from peft import PeftModel
 
             base = PeftModel.from_pretrained(base, start["adapter"]).merge_and_unload().requires_grad_(True)
-        if cfg.model.quantize == "4bit":
-            raise UsageError("model.quantize=4bit needs LoRA (QLoRA); drop --no-lora")
         frozen = None
         if reference:
             frozen = copy.deepcopy(base).float().eval().requires_grad_(False)

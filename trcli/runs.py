@@ -382,10 +382,6 @@ class Run:
         self.manifest["inputs"][name] = entry
         self.save()
 
-    def add_output(self, name: str, value: Any) -> None:
-        self.manifest["outputs"][name] = value
-        self.save()
-
     def finish(self, **outputs: Any) -> None:
         self.manifest["outputs"].update(outputs)
         self._end("completed")

@@ -61,6 +61,12 @@ class Schedule:
         if self.mode == "kl":
             self.kl_running = None  # π_ref = π now: the estimate restarts from zero.
 
+    def reference_rank(self, requested: int | None, policy_rank: int) -> int:
+        """The reference adapter's rank: ``requested`` (align.ref_rank), else twice the policy's
+        under the soft update (a mix of two rank-r deltas has rank up to 2r, so the exact update
+        needs room for it), else the policy's."""
+        return requested or (2 * policy_rank if self.mode == "soft" else policy_rank)
+
     def state_dict(self) -> dict:
         return {"updates": self.updates, "kl_running": self.kl_running}
 

@@ -42,6 +42,12 @@ class SourceOptions:
     tokenizer: Any = None
 
 
+def record_id(row: dict, where: str) -> str:
+    """A JSONL record's id (generate's prompts, judge's generations): its own, else its line
+    number (``where`` is "path:line")."""
+    return str(row.get("id", where.rsplit(":", 1)[1]))
+
+
 def drop_reason(record: dict) -> str | None:
     """Why a canonical record is unusable: an empty text, or a pair with nothing to prefer."""
     if any(not record[f].strip() for f in ("prompt", "chosen", "rejected", "completion") if f in record):

@@ -7,11 +7,9 @@ the loss of one micro-batch, the reference update after each optimizer step, the
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -21,18 +19,12 @@ from trcli.batching import attention_note, make_batch, set_logps_chunk, token_lo
 from trcli.config import AlignConfig, Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
-from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
+from trcli.memory import adapter_rank, plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device, trainable_parameters, using_adapter
 from trcli.runs import Run, inherit
 from trcli.tokens import stage_encoder
 from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_weights, shuffled_batches
 from trcli.trust_region import POLICY, REFERENCE, ReferenceUpdater, Schedule
-
-
-def _start_rank(cfg: Config, adapter: str | None) -> int:
-    if adapter and (Path(adapter) / "adapter_config.json").is_file():
-        return json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
-    return cfg.model.lora_r
 
 
 def run(cfg: Config) -> dict:
@@ -73,8 +65,8 @@ def run(cfg: Config) -> dict:
     # Model: one base; policy and reference are adapters on it (LoRA / QLoRA), or a frozen
     # fp32 copy for full fine-tuning. Both start from the SFT adapter when there is one.
     start = {"adapter": up.get("adapter"), "weights": up.get("weights")}
-    policy_rank = _start_rank(cfg, start["adapter"])
-    ref_rank = align.ref_rank or (2 * policy_rank if schedule.mode == "soft" else policy_rank)
+    policy_rank = adapter_rank(start["adapter"], cfg.model.lora_r)
+    ref_rank = schedule.reference_rank(align.ref_rank, policy_rank)
     check_fresh_start(cfg)
     run_dir = Run("align", cfg.output, cfg)
     run_dir.add_input("data", cfg.data.path)

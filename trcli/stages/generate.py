@@ -32,7 +32,7 @@ from trcli.batching import collate, set_logps_chunk, token_logps
 from trcli.config import Config
 from trcli.data import hh
 from trcli.data.files import RowError, read_jsonl
-from trcli.data.records import load_prepped, rendering
+from trcli.data.records import load_prepped, record_id, rendering
 from trcli.errors import DataError, UsageError
 from trcli.modeling import load_base, load_tokenizer, pick_device
 from trcli.progress import Progress
@@ -82,7 +82,7 @@ def _prompts(cfg: Config) -> list[dict]:
         for where, row in read_jsonl(source):
             if isinstance(row, RowError):
                 raise DataError(str(row))
-            record = {"id": str(row.get("id", where.rsplit(":", 1)[1]))}
+            record = {"id": record_id(row, where)}
             if "messages" in row and "prompt" not in row:
                 record["messages"] = _messages(row, where)
                 record["prompt"] = _transcript(record["messages"])

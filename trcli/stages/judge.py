@@ -29,6 +29,7 @@ from pathlib import Path
 
 from trcli.config import Config
 from trcli.data.files import RowError, read_jsonl
+from trcli.data.records import record_id
 from trcli.errors import DataError, GateError, UsageError
 from trcli.judge import prompts, ratings, stats
 from trcli.judge.cache import Cache, request_key
@@ -63,7 +64,7 @@ def _read(path: str, side: str) -> list[dict]:
         for key in ("prompt", "completion"):
             if not isinstance(row.get(key), str):
                 raise DataError(f"{where}: {side} record has no string field '{key}'")
-        row["id"] = str(row.get("id", where.rsplit(":", 1)[1]))
+        row["id"] = record_id(row, where)
         if row["id"] in ids:
             raise DataError(f"{where}: duplicate id '{row['id']}' in the {side} file")
         ids.add(row["id"])
