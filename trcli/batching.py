@@ -16,7 +16,8 @@ import sys
 
 import torch
 
-from trcli import logps as hidden, zero
+from trcli import logps as hidden
+from trcli import zero
 
 # Positions per chunk of the log-prob head (train.logps_chunk; 0 = all logits at once). The stages
 # set it from their config (set_logps_chunk); this default is the config's.

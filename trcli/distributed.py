@@ -24,7 +24,6 @@ import atexit
 import contextlib
 import hashlib
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,35 +31,10 @@ from typing import Callable, Iterator
 import torch
 
 from trcli import zero
+from trcli.common import _dist, barrier, is_main, log, rank, world_size
 from trcli.errors import TrcliError, UsageError
 
 BUCKET = 1 << 24  # elements per all-reduce: bounded extra memory for full fine-tuning
-
-
-def _dist():
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def world_size() -> int:
-    dist = _dist()
-    return dist.get_world_size() if dist else 1
-
-
-def rank() -> int:
-    dist = _dist()
-    return dist.get_rank() if dist else 0
-
-
-def is_main() -> bool:
-    return rank() == 0
-
-
-def log(msg: str) -> None:
-    """A line on stderr, saying which rank speaks when there are several."""
-    prefix = f"[rank {rank()}/{world_size()}] " if world_size() > 1 else ""
-    print(prefix + msg, file=sys.stderr, flush=True)
 
 
 def fsdp_requested(flag: bool) -> bool:
@@ -275,16 +249,6 @@ def sum_row(row: dict[str, float]) -> dict[str, float]:
     return {key: sum(r[key] for r in rows if key in r) for key in dict.fromkeys(k for r in rows for k in r)}
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when it is true on any."""
-    dist = _dist()
-    if dist is None:
-        return flag
-    value = torch.tensor([int(flag)], device=_comm_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def fingerprint(tensors: list[torch.Tensor]) -> torch.Tensor:
     """One int64 per tensor: the sum of its bits read as integers. Any single changed bit changes
     it, and it costs one pass over the memory on the tensor's own device."""
@@ -321,7 +285,7 @@ def check_replicas(named: list[tuple[str, torch.Tensor]], what: str, announce: b
 def atomic_dir(path: Path) -> Iterator[Path]:
     """A directory that every rank may write into and that appears whole: rank 0 makes a temporary
     sibling, every rank gets its name, and rank 0 renames it over ``path`` once all have finished."""
-    from trcli.runs import atomic_path  # runs imports this module
+    from trcli.runs import atomic_path
 
     with contextlib.ExitStack() as stack:
         name = [None]
@@ -336,7 +300,3 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         barrier()  # every rank has written before rank 0 publishes
 
 
-def barrier() -> None:
-    dist = _dist()
-    if dist is not None:
-        dist.barrier()

@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from trcli import distributed
+from trcli import common
 from trcli.config import Config, dump
 from trcli.errors import UsageError
 
@@ -199,7 +199,7 @@ class RunLock:
             raise _unwritable(self.target, exc) from None
         previous = _read_holder(fd)
         if previous.get("pid"):  # its holder died without releasing (the kernel did)
-            distributed.log(f"{self.target}: taking over the lock left by {_describe_holder(previous)}, "
+            common.log(f"{self.target}: taking over the lock left by {_describe_holder(previous)}, "
                             "which is no longer running")
         self.fd = fd
         self.info = {"pid": os.getpid(), "host": socket.gethostname(), "since": now()}
@@ -286,13 +286,13 @@ def claim(output: str | Path, stage: str | None = None, file: bool = False) -> R
             _HELD[key].set_stage(stage)
         return _HELD[key]
     lock, refused = None, None
-    if distributed.is_main():
+    if common.is_main():
         lock = RunLock(target, file)
         try:
             lock.acquire(stage)
         except UsageError as err:
             lock, refused = None, err
-    if distributed.any_rank(refused is not None):  # every rank stops, none waits in a collective
+    if common.any_rank(refused is not None):  # every rank stops, none waits in a collective
         raise refused or UsageError(f"{target}: rank 0 could not take the run lock")
     _HELD[key] = lock
     if lock is None:  # not rank 0
@@ -342,7 +342,7 @@ def clean_staging(directory: Path, only: str | None = None) -> list[str]:
             _rmtree(entry)
             removed.append(entry.name)
     if removed:
-        distributed.log(f"{directory}: removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} "
+        common.log(f"{directory}: removed {len(removed)} staging director{'y' if len(removed) == 1 else 'ies'} "
                         f"left by an interrupted write ({', '.join(sorted(removed))})")
     return removed
 
@@ -399,7 +399,7 @@ class Run:
             release(self.dir)
 
     def save(self) -> None:
-        if not distributed.is_main():  # under several processes rank 0 writes the manifest
+        if not common.is_main():  # under several processes rank 0 writes the manifest
             return
         write_json(self.dir / MANIFEST, self.manifest)
 

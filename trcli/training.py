@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from trcli import distributed, runs, zero
+from trcli import common, distributed, runs, zero
 from trcli.config import Config
 from trcli.errors import TrcliError, UsageError
 from trcli.progress import Progress
@@ -80,7 +80,7 @@ def total_steps(cfg: Config, micro_per_epoch: int) -> int:
 
 
 def _log(msg: str) -> None:
-    distributed.log(msg)
+    common.log(msg)
 
 
 def _stop_if_disk_full(exc: BaseException, path: Path, run_dir: Path, what: str) -> None:
@@ -119,7 +119,7 @@ class _Sinks:
 
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int):
         self.path, self.writers = None, []
-        if not distributed.is_main():  # rank 0 writes for all
+        if not common.is_main():  # rank 0 writes for all
             return
         self.path, self.run_dir = run_dir / "metrics.jsonl", run_dir
         # On resume, drop lines logged after the checkpoint: they will be logged again (a torn last
@@ -215,7 +215,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                 if engine is not None:
                     zero.save_checkpoint(engine, tmp)
                 hooks.save(tmp)  # sharded weights are gathered on every rank; rank 0 writes
-                if distributed.is_main():
+                if common.is_main():
                     torch.save({"step": step, "optimizer": optimizer_state,
                                 "scheduler": scheduler.state_dict() if engine is None else None,
                                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
@@ -235,7 +235,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
         return epoch_cache[epoch][within]
 
     # A bar on a terminal; in a log a line per logging step (and at least every 30 s) with the ETA.
-    progress = Progress(hooks.label, steps, "steps", start=start, seconds_per=True) if distributed.is_main() else None
+    progress = Progress(hooks.label, steps, "steps", start=start, seconds_per=True) if common.is_main() else None
     window: dict[str, list[float]] = {}
     window_tokens, window_start = 0, time.perf_counter()
     last: dict = {}
@@ -263,11 +263,11 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                     bad = loss.item()
                 stop = bad is not None
                 if collective:  # backward is collective too: the ranks stop before it together
-                    stop = distributed.any_rank(stop)
+                    stop = common.any_rank(stop)
                 if stop:
                     break
                 if engine is not None:  # the engine averages over ranks; each rank's loss carries its share
-                    engine.backward(loss * share * distributed.world_size() / train.grad_accum, scale_wrt_gas=False)
+                    engine.backward(loss * share * common.world_size() / train.grad_accum, scale_wrt_gas=False)
                 else:
                     (loss * share / train.grad_accum).backward()
                 if stand_in:
@@ -275,7 +275,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
                 sums["tokens"] = sums.get("tokens", 0) + metrics.pop("tokens", 0)
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * share / train.grad_accum
-            if distributed.any_rank(bad is not None):  # all ranks stop together, none waits in a collective
+            if common.any_rank(bad is not None):  # all ranks stop together, none waits in a collective
                 kept = latest_checkpoint(run_dir)
                 raise TrcliError(f"loss is {bad if bad is not None else 'not finite on another rank'} at step {step}; "
                                  f"stopped (last good checkpoint: {kept or 'none'}; try a lower --learning-rate)")
@@ -366,7 +366,7 @@ def save_weights(directory: Path, parts: dict[str, tuple[torch.nn.Module, str | 
 
     states = {folder: distributed.full_state_dict(model, keep=_owned_by(adapter))  # collective
               for folder, (model, adapter) in parts.items() if distributed.is_sharded(model)}
-    if not distributed.is_main():
+    if not common.is_main():
         return
     for folder, (model, adapter) in parts.items():
         # Written whole beside the target, then renamed onto it: a kill or a full disk leaves the

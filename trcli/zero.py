@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from trcli.common import is_main
 from trcli.errors import UsageError
 
 TAG = "deepspeed"  # checkpoint-N/deepspeed/: the engine's own files (partitioned optimizer states)
@@ -280,8 +281,6 @@ def gathered(params: list[torch.Tensor], modify: bool = False):
 
 def full_state_dict(module: torch.nn.Module, keep=lambda name: True) -> dict:
     """Whole tensors of a ZeRO-3 module on rank 0's CPU (collective), one submodule at a time."""
-    from trcli.distributed import is_main
-
     state: dict[str, torch.Tensor] = {}
     for prefix, sub in module.named_modules():
         name = lambda n: f"{prefix}.{n}" if prefix else n

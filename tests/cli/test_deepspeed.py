@@ -8,10 +8,17 @@ import shutil
 
 import pytest
 import torch
+from test_distributed import (
+    ALIGN,
+    adapter,
+    deltas,
+    full,
+    sft_matches_one_process,
+    sharded_full_fine_tuning_matches_one_process,
+    torchrun,
+)
 
 from conftest import metrics, ok, run_cli
-from test_distributed import (ALIGN, adapter, deltas, full, sharded_full_fine_tuning_matches_one_process,
-                              sft_matches_one_process, torchrun)
 
 pytestmark = pytest.mark.deepspeed
 

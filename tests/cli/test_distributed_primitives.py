@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,7 +13,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _worker(rank: int, init: str, out: str) -> None:
-    from trcli import distributed
+    from trcli import common, distributed
     from trcli.errors import TrcliError
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
@@ -41,7 +40,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         report["error"] = None
     except TrcliError as err:
         report["error"] = str(err)
-    report["any"] = [distributed.any_rank(rank == 1), distributed.any_rank(False)]
+    report["any"] = [common.any_rank(rank == 1), common.any_rank(False)]
     report["row"] = distributed.sum_row({"loss": 0.25 * (rank + 1), "tokens": 10} if rank else {"tokens": 10})
     torch.save(report, f"{out}.{rank}")
     dist.destroy_process_group()

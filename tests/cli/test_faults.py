@@ -5,9 +5,9 @@ SIGTERM / SIGINT / SIGKILL and resume, a DeepSpeed build lock left by a killed b
 from __future__ import annotations
 
 import json
-import re
 import math
 import os
+import re
 import signal
 import socket
 import subprocess

@@ -15,6 +15,7 @@ import shutil
 
 import pytest
 import torch
+
 from conftest import ok
 
 PROMPTS = ["Hello", "\n\nHuman: Can you tell me what rain is?\n\nAssistant:", "Why is the sky blue? Tell me",

@@ -10,8 +10,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import ok, run_cli
 from test_generate_sampling import greedy
+
+from conftest import ok, run_cli
 
 N = 8
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -12,10 +12,10 @@ import base64
 import json
 
 import pytest
+from test_judge import ITEMS, judge_args, worst_case, write_generations
 
 from conftest import run_cli
 from judge_server import FAULTS, KEY, USAGE, serve
-from test_judge import ITEMS, judge_args, worst_case, write_generations
 from trcli.judge import client as client_mod
 
 ENV = {"JUDGE_KEY": KEY, "TRCLI_JUDGE__MAX_TOKENS": "16"}

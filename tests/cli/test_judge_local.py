@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import ok, run_cli
 from test_judge import write_generations
 
+from conftest import ok, run_cli
 from trcli.stages.judge import candidate_first
 from trcli.tiny import build_model
 

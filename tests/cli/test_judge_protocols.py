@@ -12,11 +12,11 @@ import math
 import statistics
 
 import pytest
+from test_judge import ITEMS, judge_args, worst_case, write_generations
+from test_judge_faults import leaks
 
 from conftest import run_cli
 from judge_server import ALPACA_MODES, ARENA_JUNK, KEY, USAGE, serve
-from test_judge import ITEMS, judge_args, worst_case, write_generations
-from test_judge_faults import leaks
 from trcli.judge import client as client_mod
 from trcli.judge import prompts
 from trcli.stages.judge import candidate_first

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from trcli.batching import collate, make_batch, pack, supports_packing, token_logps
-from trcli.tokens import Encoder
 from trcli.losses import dpo_loss
 from trcli.tiny import sample_pairs
+from trcli.tokens import Encoder
 
 
 def test_pack_feeds_a_shared_prompt_once_and_masks_the_other_completion():

@@ -5,15 +5,26 @@ from __future__ import annotations
 import base64
 import threading
 import time
-from email.utils import format_datetime
 from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 
 import pytest
 
 from trcli.errors import DataError, UsageError
 from trcli.judge import prompts, stats
-from trcli.judge.client import (BadAnswer, Budget, BudgetExhausted, Scrubber, _retry_after, answer_text,
-                                check_base_url, clean_usage, cost_usd, price, retry_wait)
+from trcli.judge.client import (
+    BadAnswer,
+    Budget,
+    BudgetExhausted,
+    Scrubber,
+    _retry_after,
+    answer_text,
+    check_base_url,
+    clean_usage,
+    cost_usd,
+    price,
+    retry_wait,
+)
 from trcli.progress import Progress, duration
 from trcli.stages.judge import _combine, candidate_first, match
 

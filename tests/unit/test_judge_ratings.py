@@ -12,7 +12,6 @@ from scipy.special import expit
 
 from trcli.judge import prompts, ratings
 
-
 # ---------------------------------------------------------------- prompts and parsers
 
 def test_alpacaeval_prompt_is_the_published_one():

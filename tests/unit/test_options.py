@@ -9,11 +9,10 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from conftest import ok
 from trcli import options
 from trcli.config import Config, load
 from trcli.options import Flag
-
-from conftest import ok
 
 
 def _app(*flags: Flag):

@@ -4,8 +4,15 @@ import pytest
 import torch
 
 from trcli.config import AlignConfig
-from trcli.trust_region import (POLICY, REFERENCE, Schedule, effective_delta, lora_layers, mix_low_rank,
-                                 update_lora_reference)
+from trcli.trust_region import (
+    POLICY,
+    REFERENCE,
+    Schedule,
+    effective_delta,
+    lora_layers,
+    mix_low_rank,
+    update_lora_reference,
+)
 
 
 def _factors(m, n, r, seed):

@@ -43,7 +43,7 @@ def _load(directory: str) -> dict:
     except json.JSONDecodeError as exc:
         raise DataError(f"{path / 'summary.json'}:{exc.lineno}: not valid JSON") from None
     annotations = []
-    for where, row in read_jsonl(path / "annotations.jsonl"):
+    for _where, row in read_jsonl(path / "annotations.jsonl"):
         if isinstance(row, RowError):
             raise DataError(str(row))
         annotations.append(row)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from trcli import distributed, losses, zero
+from trcli import common, distributed, losses, zero
 from trcli.batching import attention_note, make_batch, set_logps_chunk, token_logps
 from trcli.config import AlignConfig, Config
 from trcli.data.records import as_kind, load_prepped
@@ -95,7 +95,7 @@ def run(cfg: Config) -> dict:
     ctx = StepContext(align=align, model=model, frozen=frozen, initial=initial, device=device,
                       batch_of=lambda seqs: make_batch(model, seqs, pad, device), moves=schedule.mode != "none")
     updater = ReferenceUpdater(schedule, model, frozen, verify=distributed.check_replicas,
-                               warn=lambda text: distributed.is_main() and print(f"warning: {text}", file=sys.stderr))
+                               warn=lambda text: common.is_main() and print(f"warning: {text}", file=sys.stderr))
 
     def with_partners(batch: list) -> list:
         # KTO: each example with the completion of the one before it in the micro-batch (the first with the last's).
@@ -121,15 +121,15 @@ def run(cfg: Config) -> dict:
 
     # Outputs: DIR/policy and DIR/reference (PEFT adapter folders, or full weights).
     save_weights(run_dir.dir, parts)
-    if distributed.is_main():
+    if common.is_main():
         for folder in parts:
             tokenizer.save_pretrained(str(run_dir.dir / folder))
     handover = {"adapter": "policy"} if frozen is None else {"weights": "policy"}
     run_dir.finish(policy="policy", reference="reference", **handover, model=cfg.model.name_or_path,
                    tokenizer=cfg.model.tokenizer, data=os.path.abspath(cfg.data.path),
                    metrics="metrics.jsonl", final=final, truncation=truncation_counts)
-    distributed.barrier()  # the other ranks leave once rank 0 has written everything
-    if not distributed.is_main():
+    common.barrier()  # the other ranks leave once rank 0 has written everything
+    if not common.is_main():
         return None  # rank 0 reports for all
     return {"stage": "align", "method": align.method, "output": str(run_dir.dir), **final}
 

@@ -28,8 +28,7 @@ import torch
 
 from trcli.config import Config
 from trcli.errors import UsageError
-from trcli.runs import (MANIFEST, atomic_path, clean_staging, now, output_lock, package_versions, read_manifest,
-                        upstream)
+from trcli.runs import MANIFEST, atomic_path, clean_staging, now, output_lock, package_versions, read_manifest, upstream
 
 MARKER = "trcli-export.json"
 

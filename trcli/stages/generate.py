@@ -168,8 +168,12 @@ def _logits_processor(record_ids: list[str], seed: int, start: int, first_real: 
     """Transformers' repetition penalty, temperature and top-p, then Gumbel noise per record and
     step: greedy decoding over these scores samples each record from its own warped distribution
     (Gumbel-max), whatever else is in the batch. Temperature 0 adds no noise (greedy)."""
-    from transformers import (LogitsProcessor, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     steps = []
     if repetition_penalty != 1.0:  # the prompt counts, the left padding does not (as transformers does)

@@ -10,18 +10,18 @@ from pathlib import Path
 
 import torch
 
-from trcli import distributed
+from trcli import common, distributed
 from trcli.batching import attention_note, collate, make_batch, set_logps_chunk, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
+from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.modeling import build_for_training, load_tokenizer, no_dropout, pick_device, trainable_parameters
 from trcli.progress import Progress
 from trcli.runs import Run, inherit
 from trcli.tokens import stage_encoder
-from trcli.trust_region import POLICY
-from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
 from trcli.training import Hooks, check_fresh_start, fit, load_weights, save_weights, shuffled_batches
+from trcli.trust_region import POLICY
 
 
 def run(cfg: Config) -> dict:
@@ -80,7 +80,7 @@ def run(cfg: Config) -> dict:
         losses = []
         # The whole test split, batch by batch: minutes on a large one, so it shows progress too.
         with no_dropout(model), Progress("trcli sft: eval", -(-len(test_rows) // bs), "batches",
-                                         enabled=distributed.is_main()) as progress:
+                                         enabled=common.is_main()) as progress:
             for i in range(0, len(test_rows), bs):
                 loss, tokens = nll(model, test_rows[i:i + bs])
                 losses.append(loss.item())
@@ -100,12 +100,12 @@ def run(cfg: Config) -> dict:
     if test_rows and "eval/loss" not in final:  # not evaluated at the last step (--eval-steps) already
         final.update(evaluate())
     save_weights(run_dir.dir, parts)
-    if distributed.is_main():
+    if common.is_main():
         tokenizer.save_pretrained(str(run_dir.dir / name))
     run_dir.finish(**{name: name}, model=cfg.model.name_or_path, tokenizer=cfg.model.tokenizer,
                    data=os.path.abspath(cfg.data.path), metrics="metrics.jsonl", final=final,
                    truncation=truncation)
-    distributed.barrier()  # the other ranks leave once rank 0 has written everything
-    if not distributed.is_main():
+    common.barrier()  # the other ranks leave once rank 0 has written everything
+    if not common.is_main():
         return None  # rank 0 reports for all
     return {"stage": "sft", "output": str(run_dir.dir), name: str(Path(run_dir.dir) / name), **final}
