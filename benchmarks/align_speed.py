@@ -326,7 +326,7 @@ def main() -> None:
     try:
         import trl  # noqa: F401
     except ImportError:
-        raise SystemExit("TRL is not installed: .venv/bin/pip install trl (or make bench)")
+        raise SystemExit("TRL is not installed: .venv/bin/pip install trl (or make bench)") from None
     with tempfile.TemporaryDirectory(prefix="trcli-bench-") as tmp:
         work = Path(tmp)
         _log("building the model, tokenizer and data ...")
