@@ -35,6 +35,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from trcli import common
 from trcli.errors import UsageError
 
 SHORT = 8  # a completion cut below this many tokens is worth a warning
@@ -191,9 +192,10 @@ class Encoder:
         return out
 
     def report(self, who: str) -> dict:
-        """Warn on stderr (once) when truncation dropped examples or left short completions; the counts."""
+        """Warn on stderr (once, on rank 0 only) when truncation dropped examples or left short
+        completions; the counts."""
         c = self.counts
-        if c["dropped"] or c["short"]:
+        if (c["dropped"] or c["short"]) and common.is_main():
             print(f"{who}: warning: truncation at max_length={self.max_length} ({self.truncation}) "
                   f"dropped {c['dropped']} of {c['sequences']} sequences (prompt fills max_length) and left "
                   f"{c['short']} completions with fewer than {SHORT} tokens; raise --max-length "

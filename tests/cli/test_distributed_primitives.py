@@ -42,6 +42,18 @@ def _worker(rank: int, init: str, out: str) -> None:
         report["error"] = str(err)
     report["any"] = [common.any_rank(rank == 1), common.any_rank(False)]
     report["row"] = distributed.sum_row({"loss": 0.25 * (rank + 1), "tokens": 10} if rank else {"tokens": 10})
+    # The truncation warning is printed by rank 0 only (every rank counts the same examples).
+    import contextlib
+    import io
+
+    from trcli.tokens import Encoder
+
+    encoder = Encoder.__new__(Encoder)  # counts as a run's encoding left them; no tokenizer needed to report
+    encoder.max_length, encoder.truncation = 64, "keep_start"
+    encoder.counts = {"sequences": 10, "truncated": 3, "dropped": 2, "short": 1, "prompt_cut": 0}
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        report["truncation"] = encoder.report("trcli align")
+    report["truncation_warning"] = err.getvalue()
     torch.save(report, f"{out}.{rank}")
     dist.destroy_process_group()
 
@@ -61,3 +73,5 @@ def test_shards_gradient_sum_and_replica_check_across_two_ranks(tmp_path):
         assert report["error"] is not None and "the reference" in report["error"] and "'b'" in report["error"]
         assert report["row"] == {"tokens": 20, "loss": 0.5}  # a key only one rank has is that rank's
         assert report["any"] == [True, False]  # a non-finite loss on one rank stops every rank
+        assert report["truncation"]["dropped"] == 2
+    assert "dropped 2 of 10 sequences" in r0["truncation_warning"] and r1["truncation_warning"] == ""
