@@ -11,8 +11,12 @@ class UsageError(TrcliError):
     exit_code = 2
 
 
-ConfigError = UsageError
-DataError = UsageError
+class ConfigError(UsageError):
+    """A bad recipe, environment variable or flag value, naming the key and where it came from."""
+
+
+class DataError(UsageError):
+    """A bad input file or record, naming the file and line."""
 
 
 class GateError(TrcliError):
