@@ -22,7 +22,7 @@ fi
 COMMON=(--max-length 256 --batch-size 4 --lora-r 8 --lora-alpha 16 --logging-steps 4)
 trcli sft --model "$M" --from "$D/prep" --max-steps 12 --lr 2e-4 "${COMMON[@]}" -o "$D/sft"
 trcli align --from "$D/sft" --method tr-dpo --update soft --alpha 0.6 --tau 1 --beta 0.1 \
-  --max-steps 8 --lr 5e-5 "${COMMON[@]}" -o "$D/tr-dpo"
+  --max-steps 8 --lr 5e-4 "${COMMON[@]}" -o "$D/tr-dpo"
 for m in sft tr-dpo; do
   trcli generate --from "$D/$m" --prompts "$D/prep" --limit 8 --max-new-tokens 48 --temperature 0.7 \
     --score-with "$D/sft" -o "$D/$m.jsonl"
