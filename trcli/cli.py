@@ -53,16 +53,15 @@ def _verbosity(
 
 def _execute(stage: str, recipe: Optional[Path], flags: dict[str, Any], as_json: bool) -> Any:
     """Resolve the config, run the stage, print the result; errors become exit codes (_guarded)."""
-    import importlib
+    from trcli import stages
 
     def call() -> Any:
         cfg = config_mod.load(recipe, flags)
-        module = importlib.import_module(f"trcli.stages.{stage}")
+        module = stages.load(stage)
         result = module.run(cfg)
-        _print(result, as_json, getattr(module, "render", None))
-        gate = getattr(module, "gate", None)
-        if gate is not None:
-            gate(cfg, result)
+        _print(result, as_json, module.render)
+        if module.gate is not None:
+            module.gate(cfg, result)
         return result
 
     return _guarded(stage, call)

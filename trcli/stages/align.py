@@ -14,12 +14,12 @@ from typing import Any, Callable
 
 import torch
 
-from trcli import common, distributed, losses, zero
+from trcli import common, distributed, losses, memory, zero
 from trcli.batching import attention_note, make_batch, set_logps_chunk, token_logps
 from trcli.config import AlignConfig, Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
-from trcli.memory import adapter_rank, plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
+from trcli.memory import adapter_rank, plan_or_none
 from trcli.modeling import INIT, build_for_training, load_tokenizer, pick_device, trainable_parameters, using_adapter
 from trcli.runs import Run, inherit
 from trcli.tokens import stage_encoder
@@ -239,3 +239,7 @@ def kto_step(ctx: StepContext, policy, examples, share, logging):
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     metrics.update(kl_metrics(ctx, pol_tok, ref_tok, matched_batch, logging))
     return per_example.mean(), metrics
+
+
+render = memory.render  # the run's (or the dry run's plan's) table
+gate = None

@@ -398,3 +398,7 @@ def _score(records: list[dict], tokenizer, policy, reference, device) -> None:
             record[f"{key}logp"] = sum(values)
     for record in records:
         record["n_tokens"] = len(record["token_logps"])
+
+
+render = None  # the result as JSON: what was written where
+gate = None

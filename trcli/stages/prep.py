@@ -297,3 +297,6 @@ def render(result: dict):
     note = (f"truncation ({cut['truncation']}): {prompts}{cut['completion']} records cut and {cut['dropped']} dropped at max_length="
             f"{cut['max_length']}, {cut['short']} left with a completion under {SHORT} tokens")
     return Group(table, lengths, note)
+
+
+gate = None

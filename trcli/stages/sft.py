@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from trcli import common, distributed
+from trcli import common, distributed, memory
 from trcli.batching import attention_note, collate, make_batch, set_logps_chunk, token_logps
 from trcli.config import Config
 from trcli.data.records import as_kind, load_prepped
 from trcli.errors import UsageError
-from trcli.memory import plan_or_none, render  # noqa: F401  (render: the CLI prints results with it)
+from trcli.memory import plan_or_none
 from trcli.modeling import build_for_training, load_tokenizer, no_dropout, pick_device, trainable_parameters
 from trcli.progress import Progress
 from trcli.runs import Run, inherit
@@ -109,3 +109,7 @@ def run(cfg: Config) -> dict:
     if not common.is_main():
         return None  # rank 0 reports for all
     return {"stage": "sft", "output": str(run_dir.dir), name: str(Path(run_dir.dir) / name), **final}
+
+
+render = memory.render  # the run's (or the dry run's plan's) table
+gate = None
