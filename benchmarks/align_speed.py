@@ -54,6 +54,18 @@ def _log(msg: str) -> None:
 
 # --- set-up (parent) ---------------------------------------------------------------------------
 
+def timed_update(update, timings: dict):
+    """``update`` (a reference update) adding its time to timings["update"] and counting timings["updates"]."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return update(*args, **kwargs)
+        finally:
+            timings["update"] += time.perf_counter() - start
+            timings["updates"] += 1
+    return wrapper
+
+
 def hh_pairs(limit: int | None = None) -> list[dict]:
     """HH rows split into {prompt, chosen, rejected} by trcli's own HH parser."""
     from trcli.data.hh import split_transcripts
@@ -160,14 +172,14 @@ def padding_stats(setup: dict, max_length: int) -> dict:
 def run_trcli(system: str, setup: dict, work: Path, max_length: int) -> dict:
     import torch
 
-    from trcli import batching, training
+    from trcli import batching, training, trust_region
     from trcli.config import Config
     from trcli.stages import align
 
     if system == "trcli-tr-dpo-plain":
         batching.supports_packing = lambda model: False  # the padded path, for comparison
     timings = {"fit": 0.0, "update": 0.0, "updates": 0}
-    fit, update = training.fit, align.update_lora_reference
+    fit = training.fit
 
     def timed_fit(*args, **kwargs):
         start = time.perf_counter()
@@ -176,15 +188,9 @@ def run_trcli(system: str, setup: dict, work: Path, max_length: int) -> dict:
         finally:
             timings["fit"] += time.perf_counter() - start
 
-    def timed_update(*args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return update(*args, **kwargs)
-        finally:
-            timings["update"] += time.perf_counter() - start
-            timings["updates"] += 1
-
-    align.fit, align.update_lora_reference = timed_fit, timed_update
+    # The update is looked up in trust_region (ReferenceUpdater) at every step.
+    align.fit = timed_fit
+    trust_region.update_lora_reference = timed_update(trust_region.update_lora_reference, timings)
     cfg = Config.model_validate({
         "model": {"name_or_path": setup["model"], "lora_r": LORA["r"], "lora_alpha": LORA["alpha"]},
         "data": {"path": setup["data"], "max_length": max_length},

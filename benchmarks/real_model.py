@@ -48,7 +48,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from align_speed import hh_pairs  # noqa: E402  (the same HH reader)
+from align_speed import hh_pairs, timed_update  # noqa: E402  (the same HH reader)
 
 MAX_LENGTH, BATCH, STEPS, WARMUP = 512, 4, 4, 1
 LORA = {"r": 16, "alpha": 32}
@@ -229,21 +229,11 @@ def run_trcli(system: str, setup: dict, work: Path) -> dict:
         clock.start()
         return fit(cfg, run_dir, model, params, hooks, *args, **kwargs)
 
-    def timed(update):
-        def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return update(*args, **kwargs)
-            finally:
-                timings["update"] += time.perf_counter() - start
-                timings["updates"] += 1
-        return wrapper
-
     align.fit, align.make_batch = timed_fit, recording_make_batch
     for module in (align, trust_region):  # wherever the stage looks the update up
         for fn in ("update_lora_reference", "update_full_reference"):
             if hasattr(module, fn):
-                setattr(module, fn, timed(getattr(module, fn)))
+                setattr(module, fn, timed_update(getattr(module, fn), timings))
     kto = name == "trcli-tr-kto"
     cfg = Config.model_validate({
         "model": {"name_or_path": setup["models"][vocab], "lora_r": LORA["r"], "lora_alpha": LORA["alpha"]},

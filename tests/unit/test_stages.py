@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from trcli import stages
+from trcli import memory, stages
+from trcli.stages import judge, prep
 
 
 @pytest.mark.parametrize("name", stages.NAMES)
 def test_each_stage_declares_run_render_and_gate(name):
     module = stages.load(name)
     assert callable(module.run)
-    assert module.render is None or callable(module.render)
-    assert module.gate is None or callable(module.gate)
+    # Tables for prep / judge (their own) and sft / align (the run's or the plan's); generate prints JSON.
+    assert module.render is {"prep": prep.render, "judge": judge.render, "generate": None}.get(name, memory.render)
+    # Only judge has a bar to meet (--min-win-rate, exit 3).
+    assert module.gate is (judge.gate if name == "judge" else None)
