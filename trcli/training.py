@@ -119,6 +119,7 @@ class _Sinks:
 
     def __init__(self, cfg: Config, run_dir: Path, resume_step: int):
         self.path, self.writers = None, []
+        self.last: dict = {}  # the last row kept from before a resume: what the run reports if it logs no more
         if not common.is_main():  # rank 0 writes for all
             return
         self.path, self.run_dir = run_dir / "metrics.jsonl", run_dir
@@ -128,6 +129,7 @@ class _Sinks:
         if resume_step:
             kept = [row for row in runs.read_jsonl_repairing(self.path) if row.get("step", 0) <= resume_step]
         runs.write_text(self.path, "".join(json_line(row) for row in kept))
+        self.last = dict(kept[-1]) if kept else {}
         self.writers = []
         for name in cfg.train.report_to:
             try:
@@ -238,7 +240,7 @@ def fit(cfg: Config, run_dir: Path, model: torch.nn.Module, params: list[torch.n
     progress = Progress(hooks.label, steps, "steps", start=start, seconds_per=True) if common.is_main() else None
     window: dict[str, list[float]] = {}
     window_tokens, window_start = 0, time.perf_counter()
-    last: dict = {}
+    last: dict = sinks.last  # a run resumed after its last logging step reports that step's metrics
     model.train()
     completed = False
     try:

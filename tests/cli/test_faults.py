@@ -187,6 +187,26 @@ def test_a_killed_run_reads_as_died_and_resumes_over_its_leftovers(tmp_path, sft
     assert report.exit_code == 0
 
 
+def test_a_run_killed_after_its_last_checkpoint_reports_its_last_metrics(tmp_path, sft_run):
+    """Killed between the final checkpoint and the manifest's end: the resumed run has no step left to
+    train, and still reports the last logged loss (a sweep's table reads it from the manifest)."""
+    import shutil
+
+    out = tmp_path / "run"
+    args = ["align", "--from", str(sft_run), "--max-steps", "2", "--save-steps", "1", *TRAIN, "--seed", "4"]
+    ok(*args, "-o", out)
+    logged = metrics(out)[-1]
+    # What a kill right after checkpoint-2 leaves: no policy / reference yet, the manifest still running.
+    for name in ("policy", "reference"):
+        shutil.rmtree(out / name)
+    data = manifest(out)
+    data["status"], data["outputs"] = "running", {}
+    (out / "trcli-run.json").write_text(json.dumps(data))
+    ok(*args, "--resume", "-o", out)
+    final = manifest(out)["outputs"]["final"]
+    assert manifest(out)["status"] == "completed" and final["loss"] == logged["loss"] and final["steps"] == 2
+
+
 def test_a_failing_run_records_failed_and_frees_its_directory(tmp_path, sft_run):
     out = tmp_path / "nan"
     result = run_cli("align", "--from", sft_run, "--method", "tr-ipo", "--beta", "1e-30", "--max-steps", "2", "-o", out)
